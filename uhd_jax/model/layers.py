@@ -1,0 +1,57 @@
+"""Small building blocks whose parameters carry logical axis names."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uhd_jax.parallel.axes import with_axes
+
+Dtype = Any
+
+# Matches torch.nn.Linear's default init closely enough for fresh weights; real weights come from checkpoints.
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel + bias` with kernel `[in, out]` named by `axes` = (in_axis, out_axis)."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
+                            self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axes[1],)), (self.features,),
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with statistics in float32 whatever the compute dtype; output in `dtype`."""
+
+    eps: float = 1e-6
+    axis_name: str = "norm"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", with_axes(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
+        bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
