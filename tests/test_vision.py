@@ -178,3 +178,20 @@ def test_layout_rejects_bad_views():
         pack_views([np.zeros((3, 112, 112))], patch_size=14, positions_per_side=70, tokens_per_view=32)
     with pytest.raises(ValueError, match="num_views"):
         pack_views([np.zeros((3, 56, 56))] * 3, patch_size=14, positions_per_side=70, num_views=2)
+
+
+@pytest.mark.parametrize("mode", ["16x", "4x"])
+def test_flop_count_matches_xla_cost_analysis(mode):
+    """The project's FLOPs formula agrees with XLA's count of the compiled program (unrolled, einsum attention)."""
+    from uhd_jax.config import VisionConfig
+    from uhd_jax.model.flops import vision_flops
+
+    cfg = tiny_config(insert_layer_id=1).replace(vision=VisionConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, insert_layer_id=1))
+    batch = pack_views([np.zeros((3, 224, 224), np.float32)] * 2, patch_size=PATCH, positions_per_side=70, mode=mode)
+    enc = VisionEncoder(cfg, attn_impl="xla", unroll=True)
+    params = jax.eval_shape(enc.init, jax.random.key(0), batch)["params"]
+    cost = jax.jit(enc.apply).lower({"params": params}, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    ours = vision_flops(cfg, [batch.tokens_per_view] * 2, mode)["total"]
+    assert 1.0 <= cost["flops"] / ours < 1.04, (cost["flops"], ours)

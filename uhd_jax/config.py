@@ -62,6 +62,9 @@ class VisionConfig:
     _KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
              "image_size", "patch_size", "hidden_act", "layer_norm_eps", "insert_layer_id", "window_kernel_size")
 
+    def replace(self, **kw) -> "VisionConfig":
+        return dataclasses.replace(self, **kw)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -155,6 +158,9 @@ class TextConfig:
              "layer_types", "attn_output_gate", "attention_bias", "linear_conv_kernel_dim", "linear_key_head_dim",
              "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "tie_word_embeddings",
              "max_position_embeddings")
+
+    def replace(self, **kw) -> "TextConfig":
+        return dataclasses.replace(self, **kw)
 
     @property
     def is_hybrid(self) -> bool:

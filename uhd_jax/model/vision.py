@@ -103,6 +103,7 @@ class LayerStack(nn.Module):
     attn_impl: str = "auto"
     remat: str = "none"
     collect: bool = False
+    unroll: int | bool = 1
 
     @nn.compact
     def __call__(self, x, lengths):
@@ -110,7 +111,7 @@ class LayerStack(nn.Module):
         if self.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=nn.broadcast, length=self.num_layers,
+                        in_axes=nn.broadcast, length=self.num_layers, unroll=self.unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         return stack(self.config, dtype=self.dtype, param_dtype=self.param_dtype, attn_impl=self.attn_impl,
                      collect=self.collect, name="layers")(x, lengths)
@@ -153,6 +154,7 @@ class VisionTower(nn.Module):
     attn_impl: str = "auto"
     remat: str = "none"
     collect_layers: bool = False
+    unroll: int | bool = 1
 
     @nn.compact
     def __call__(self, patches, pos_ids, num_tokens, mode: str):
@@ -165,7 +167,8 @@ class VisionTower(nn.Module):
         x = x + jnp.take(table, pos_ids, axis=0).astype(self.dtype)
         out["embeddings"] = x
 
-        stack_kw = dict(attn_impl=self.attn_impl, remat=self.remat, collect=self.collect_layers, **kw)
+        stack_kw = dict(attn_impl=self.attn_impl, remat=self.remat, collect=self.collect_layers, unroll=self.unroll,
+                        **kw)
         n_pre = cfg.insert_layer_id + 1
         n_post = cfg.num_hidden_layers - n_pre
         lengths = num_tokens
@@ -199,6 +202,7 @@ class VisionEncoder(nn.Module):
     attn_impl: str = "auto"
     remat: str = "none"
     collect_layers: bool = False
+    unroll: int | bool = 1  # layers per scan iteration; True unrolls fully (exact XLA cost analysis)
 
     @nn.compact
     def __call__(self, batch: VisionBatch):
@@ -214,7 +218,7 @@ class VisionEncoder(nn.Module):
         patches = batch.patches.astype(self.dtype)
         num_tokens = batch.num_tokens.astype(jnp.int32)
         x, out = VisionTower(cfg.vision, attn_impl=self.attn_impl, remat=self.remat,
-                             collect_layers=self.collect_layers, name="vision_tower", **kw)(
+                             collect_layers=self.collect_layers, unroll=self.unroll, name="vision_tower", **kw)(
             patches, batch.pos_ids, num_tokens, batch.mode)
         tokens = Merger(cfg.merger.merger_times, cfg.text.hidden_size, name="merger", **kw)(x)
         valid = jnp.arange(tokens.shape[1])[None, :] < (num_tokens // unit)[:, None]
