@@ -22,7 +22,7 @@ class DownsampleMLP(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = LayerNorm(eps=1e-6, name="pre_norm", **kw)(x)
-        x = Dense(x.shape[-1], ("mlp", "mlp"), name="linear_1", **kw)(x)
+        x = Dense(x.shape[-1], ("embed", "mlp"), name="linear_1", **kw)(x)
         x = jax.nn.gelu(x, approximate=False)
         return Dense(self.out_features, ("mlp", "embed"), name="linear_2", **kw)(x)
 

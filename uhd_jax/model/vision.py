@@ -136,7 +136,7 @@ class WindowMerger(nn.Module):
         x = x + VisionAttention(cfg, name="self_attn", **kw)(h, window=4)
         mean = x.reshape(v, t // 4, 4, d).astype(jnp.float32).mean(axis=2).astype(x.dtype)
         h = LayerNorm(cfg.layer_norm_eps, name="pre_norm", **kw)(fold_2x2(x))
-        h = Dense(4 * cfg.intermediate_size, ("mlp", "mlp"), name="linear_1", **kw)(h)
+        h = Dense(4 * cfg.intermediate_size, ("embed", "mlp"), name="linear_1", **kw)(h)
         h = jax.nn.gelu(h, approximate=True)
         h = Dense(d, ("mlp", "embed"), name="linear_2", **kw)(h)
         return h + mean
