@@ -1,0 +1,186 @@
+"""Packer: static shapes, visual-token placement, buckets, overflow policies, streaming batches."""
+
+import numpy as np
+import pytest
+
+from tests.data_utils import make_model_dir, random_image
+from uhd_jax.data.batch import ModelBatch
+from uhd_jax.data.layout import patchify, view_token_count
+from uhd_jax.data.packer import Packer, PackerConfig, SampleDoesNotFit, pack_samples
+from uhd_jax.data.processor import Processor
+
+IM = "<|image_pad|>"
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+    return Processor.from_pretrained(make_model_dir(tmp_path_factory.mktemp("model")))
+
+
+def _chat(proc, images, q="What is it?", a="A cat.", name=None):
+    parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": q}]
+    return proc.encode_chat([{"role": "user", "content": parts}, {"role": "assistant", "content": a}], name=name)
+
+
+def _token_patches(batch: ModelBatch, row: int, patch_size: int = 14) -> np.ndarray:
+    """The patches [unit, C*P*P] that make up flat visual token `row` of the encoder output."""
+    v = batch.vision
+    unit = 1 << (2 * v.levels)
+    k, j = divmod(int(row), v.out_tokens_per_view)
+    return v.patches[k, j * unit:(j + 1) * unit]
+
+
+def _expected_patches(view: np.ndarray, j: int, mode: str, patch_size: int = 14) -> np.ndarray:
+    """Row-major merged-grid cell j of a view: its patches in block order (what one output token sees)."""
+    from uhd_jax.data.layout import block_order, merge_levels
+
+    levels = merge_levels(mode)
+    b = 1 << levels
+    h, w = view.shape[1] // patch_size, view.shape[2] // patch_size
+    flat = patchify(view, patch_size)[block_order(h, w, levels)]
+    return flat[j * b * b:(j + 1) * b * b]
+
+
+@pytest.mark.parametrize("mode", ["16x", "4x"])
+def test_pack_shapes_and_placement(proc, mode):
+    p = Processor(proc.tokenizer, proc.slice_config.replace(downsample_mode=mode, max_slice_nums=4), proc.tokens)
+    s1 = _chat(p, [random_image(700, 1000, 1)], name="s1")
+    s2 = _chat(p, [], q="hello", a="hello world")
+    s3 = _chat(p, [random_image(100, 60, 2), random_image(30, 900, 3)], name="s3")
+    tpv = 1152 if mode == "16x" else 1160
+    cfg = PackerConfig(batch_size=4, seq_buckets=(256, 1024, 4096), tokens_per_view=tpv, num_views=12)
+    b = Packer(p, cfg).pack([s1, s2, s3])
+    assert isinstance(b, ModelBatch)
+    S = 1024 if mode == "16x" else 4096
+    L = max(len(s1), len(s2), len(s3))
+    assert b.input_ids.shape == (4, S) and L <= S
+    for a in (b.attention_mask, b.positions, b.visual_index, b.visual_mask, b.loss_mask):
+        assert a.shape == (4, S)
+    assert b.vision.patches.shape == (12, tpv, 3 * 14 * 14)
+    assert b.vision.mode == mode
+    # rows: real tokens left-aligned, positions 0.., padding with the pad id, an empty 4th row
+    for r, s in enumerate([s1, s2, s3]):
+        n = len(s)
+        assert b.attention_mask[r, :n].all() and not b.attention_mask[r, n:].any()
+        np.testing.assert_array_equal(b.input_ids[r, :n], s.input_ids)
+        assert (b.input_ids[r, n:] == p.pad_token_id).all()
+        np.testing.assert_array_equal(b.positions[r, :n], np.arange(n))
+        np.testing.assert_array_equal(b.loss_mask[r, :n], s.loss_mask)
+    assert not b.attention_mask[3].any() and not b.visual_mask[3].any()
+    # visual mask is exactly the image tokens; indices unique and within the encoder output
+    np.testing.assert_array_equal(b.visual_mask, (b.input_ids == p.image_token_id) & b.attention_mask)
+    idx = b.visual_index[b.visual_mask]
+    assert len(np.unique(idx)) == idx.size and idx.max() < 12 * b.vision.out_tokens_per_view
+    assert (b.visual_index[~b.visual_mask] == 0).all()
+    # the j-th placeholder of each view receives the token built from cell j (row-major) of that view
+    views = s1.views + s3.views
+    assert b.vision.num_tokens.tolist()[:len(views)] == [v.shape[1] * v.shape[2] // 196 for v in views]
+    assert idx.size == sum(view_token_count(v.shape[1] // 14, v.shape[2] // 14, mode) for v in views)
+    k = 0
+    for r, s in [(0, s1), (2, s3)]:
+        pos = np.flatnonzero(b.visual_mask[r])
+        off = 0
+        for v, n in zip(s.views, s.view_tokens):
+            for j in (0, n // 2, n - 1):
+                row = b.visual_index[r, pos[off + j]]
+                assert divmod(int(row), b.vision.out_tokens_per_view) == (k, j)
+                np.testing.assert_array_equal(_token_patches(b, row), _expected_patches(v, j, mode))
+            off += n
+            k += 1
+
+
+def test_text_only_batch_keeps_static_vision(proc):
+    s = _chat(proc, [], q="hi", a="ok")
+    b = Packer(proc, PackerConfig(batch_size=2, seq_buckets=(32, 64), num_views=3)).pack([s])
+    assert b.input_ids.shape == (2, 32) and b.vision.patches.shape == (3, 1152, 588)
+    assert (b.vision.num_tokens == 0).all() and not b.visual_mask.any()
+    b0 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(32,), num_views=0)).pack([s])
+    assert b0.vision is None
+
+
+def test_buckets(proc):
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(24, 48, 96), num_views=1))
+    short = _chat(proc, [], q="hi", a="ok")
+    assert len(short) <= 24 and pk.pack([short]).input_ids.shape == (1, 24)
+    mid = _chat(proc, [], q="Describe this image in detail. " * 2, a="ok")
+    assert pk.pack([mid]).input_ids.shape[1] == pk.bucket(len(mid))
+    long = _chat(proc, [], q="Describe this image in detail. " * 30, a="ok", name="long-one")
+    with pytest.raises(SampleDoesNotFit, match="long-one.*largest sequence bucket 96"):
+        pk.pack([long])
+
+
+def test_overflow_error_names_sample(proc):
+    s = _chat(proc, [random_image(1344, 1344, 1)], name="big.jpg")
+    assert s.num_views == 10
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(2048,), num_views=5, overflow="error"))
+    with pytest.raises(SampleDoesNotFit, match=r"big.jpg.*10 views > 5"):
+        pk.pack([s])
+
+
+def test_overflow_fewer_slices(proc):
+    img = random_image(1344, 1344, 1)
+    s = _chat(proc, [img], name="big.jpg")
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512, 2048), num_views=5, overflow="fewer_slices"))
+    b = pk.pack([s])
+    # re-sliced with a smaller max_slice_nums: 4 slices + thumbnail, all image tokens placed
+    assert (b.vision.num_tokens > 0).sum() == 5
+    n_pad = int((b.input_ids == proc.image_token_id).sum())
+    assert int(b.visual_mask.sum()) == n_pad == sum(
+        view_token_count(int(h), int(w), "16x") for h, w in b.vision.grid[:5])
+    # sequence budget drives it too: 10 views (~700 tokens) into a 400-token bucket
+    pk2 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(400,), num_views=10, overflow="fewer_slices"))
+    b2 = pk2.pack([s])
+    assert b2.input_ids.shape == (1, 400) and int(b2.visual_mask.sum()) == int(
+        (b2.input_ids == proc.image_token_id).sum())
+    # text alone too long: an error naming the sample, even with fewer slices
+    pk3 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(40,), num_views=10, overflow="fewer_slices"))
+    with pytest.raises(SampleDoesNotFit, match="big.jpg.*max_slice_nums=1"):
+        pk3.pack([s])
+
+
+def test_batch_view_budget(proc):
+    a = _chat(proc, [random_image(900, 900, 1)], name="a")  # 5 views
+    b = _chat(proc, [random_image(900, 900, 2)], name="b")
+    cfg = dict(batch_size=2, seq_buckets=(1024,), num_views=8)
+    with pytest.raises(SampleDoesNotFit, match="10 views in the batch > num_views=8"):
+        Packer(proc, PackerConfig(**cfg)).pack([a, b])
+    out = Packer(proc, PackerConfig(**cfg, overflow="fewer_slices")).pack([a, b])
+    assert (out.vision.num_tokens > 0).sum() <= 8
+    assert int(out.visual_mask.sum()) == int((out.input_ids == proc.image_token_id).sum())
+
+
+def test_oversized_view(proc):
+    s = _chat(proc, [random_image(5, 4000, 1)], name="strip.png")  # very wide thumbnail
+    assert max(h * w for h, w in s.view_grids) > 1152
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(4096,), num_views=4, overflow="fewer_slices"))
+    with pytest.raises(SampleDoesNotFit, match="strip.png.*tokens_per_view=1152"):
+        pk.pack([s])
+
+
+def test_streaming_batches_static_shapes(proc):
+    samples = [_chat(proc, [random_image(300 + 50 * i, 400, i)] * (i % 3), name=f"s{i}") for i in range(7)]
+    samples.insert(3, _chat(proc, [random_image(1344, 1344, 9)], name="too-many-views"))
+    pk = Packer(proc, PackerConfig(batch_size=3, seq_buckets=(128, 512, 1024), num_views=6))
+    skipped = []
+    batches = list(pk.batches(samples, on_skip=lambda s, e: skipped.append((s.name, str(e)))))
+    assert [n for n, _ in skipped] == ["too-many-views"] and "10 views > 6" in skipped[0][1]
+    shapes = {(b.input_ids.shape, b.vision.patches.shape) for b in batches}
+    assert {s[0][0] for s in shapes} == {3} and {s[1] for s in shapes} == {(6, 1152, 588)}
+    assert {s[0][1] for s in shapes} <= {128, 512, 1024}
+    # every kept sample appears once, in order, with all its image tokens placed
+    kept = [s for s in samples if s.name != "too-many-views"]
+    rows = [b.input_ids[r][b.attention_mask[r]] for b in batches for r in range(3) if b.attention_mask[r].any()]
+    assert len(rows) == len(kept)
+    for r, s in zip(rows, kept):
+        np.testing.assert_array_equal(r, s.input_ids)
+    for b in batches:
+        assert int(b.visual_mask.sum()) == int(((b.input_ids == proc.image_token_id) & b.attention_mask).sum())
+    with pytest.raises(SampleDoesNotFit):
+        list(pk.batches(samples))
+
+
+def test_pack_samples_convenience(proc):
+    s = proc(["Look: " + IM], [random_image(448, 448, 1)])
+    b = pack_samples(proc, s, seq_buckets=(512,))
+    assert b.vision.patches.shape[0] == 1 and b.input_ids.shape == (1, 512)
+    assert int(b.visual_mask.sum()) == 64
