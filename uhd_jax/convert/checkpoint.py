@@ -1,0 +1,141 @@
+"""Our checkpoint directory, and writing any output directory all-or-nothing.
+
+A checkpoint directory is self-contained:
+    config.json                 the Hugging Face model config (ModelConfig.from_json reads it)
+    params/                     Orbax checkpoint of the parameter tree (numpy arrays, per-tensor dtypes)
+    generation_config.json, preprocessor_config.json, tokenizer files, ...   copied from the source
+Outputs are built in a hidden sibling directory and renamed into place at the end, so a failed or
+interrupted conversion leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import ml_dtypes
+import numpy as np
+
+from uhd_jax.config import ModelConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+# weights in any format: never copied as side files (they are what we convert)
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt",
+                   ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+
+DTYPE_NAMES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+               "float16": np.float16, "fp16": np.float16}
+
+
+def parse_dtype(dtype) -> np.dtype | None:
+    """None / 'keep' -> None (keep each tensor's dtype); 'bfloat16', 'float32', 'float16' or a dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() in ("keep", "auto", "")):
+        return None
+    if isinstance(dtype, str):
+        try:
+            return np.dtype(DTYPE_NAMES[dtype.lower()])
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)} or 'keep'") from None
+    return np.dtype(dtype)
+
+
+def side_files(src_dir: str) -> list[str]:
+    """Top-level files of a model directory that are not weights (configs, tokenizer, chat template...)."""
+    out = []
+    for name in sorted(os.listdir(src_dir)):
+        p = os.path.join(src_dir, name)
+        if os.path.isfile(p) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
+            out.append(name)
+    return out
+
+
+def copy_side_files(src_dir: str, dst_dir: str, skip=()) -> list[str]:
+    copied = []
+    for name in side_files(src_dir):
+        if name not in skip:
+            shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+def write_config(path: str, config: dict, dtype: np.dtype | None = None):
+    """Writes an HF config dict; with a cast, its `dtype` / `torch_dtype` name the new dtype."""
+    config = dict(config)
+    if dtype is not None:
+        name = np.dtype(dtype).name
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def check_output_dir(out_dir: str, overwrite: bool):
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def staging(out_dir: str, overwrite: bool = False):
+    """Yields a temporary directory next to `out_dir`; on success it replaces `out_dir`, on error it is removed."""
+    out_dir = os.path.abspath(out_dir)
+    check_output_dir(out_dir, overwrite)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_params(path: str, params: dict):
+    """Orbax checkpoint of a tree of numpy arrays (each keeps its dtype)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.abspath(path), params)
+        ckpt.wait_until_finished()
+
+
+def load_params(path: str, target=None) -> dict:
+    """Restores the parameter tree: numpy arrays, or per `target` (a tree of jax.ShapeDtypeStruct with
+    shardings) straight onto devices."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(os.path.abspath(path), target)
+
+
+def load_checkpoint(ckpt_dir: str, target=None) -> tuple[ModelConfig, dict]:
+    """(config, params) from a checkpoint directory written by `hf-to-jax` or `from-separate`."""
+    cfg = ModelConfig.from_json(ckpt_dir)
+    params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory)")
+    return cfg, load_params(params_dir, target)
+
+
+def write_checkpoint(out_dir: str, config: dict, params: dict, *, side_from: list[str] = (),
+                     dtype: np.dtype | None = None, overwrite: bool = False):
+    """Writes config.json, params/ and the side files of the directories in `side_from` (first one wins),
+    all-or-nothing."""
+    with staging(out_dir, overwrite) as tmp:
+        save_params(os.path.join(tmp, PARAMS_DIR), params)
+        done = {CONFIG_FILE}
+        for src in side_from:
+            done |= set(copy_side_files(src, tmp, skip=done))
+        write_config(os.path.join(tmp, CONFIG_FILE), config, dtype)
