@@ -1,0 +1,102 @@
+"""Gated DeltaNet: chunked == recurrent == the transformers reference; padding; decode states."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.text_ref_utils import rel_err
+from uhd_jax.config import tiny_config
+from uhd_jax.model.gated_deltanet import (GatedDeltaNet, chunk_gated_delta_rule, init_deltanet_cache,
+                                          recurrent_gated_delta_rule, unit_lower_inverse)
+
+jax.config.update("jax_enable_x64", False)
+
+
+def _inputs(seed, b=2, s=37, hk=2, hv=4, dk=16, dv=8, with_state=True):
+    r = np.random.default_rng(seed)
+    f = lambda *shape: r.standard_normal(shape).astype(np.float32)
+    q, k, v = f(b, s, hk, dk), f(b, s, hk, dk), f(b, s, hv, dv)
+    g = -np.exp(f(b, s, hv)).astype(np.float32) * 0.5  # log decay <= 0, some strong
+    beta = (1 / (1 + np.exp(-f(b, s, hv)))).astype(np.float32)
+    s0 = 0.3 * f(b, hv, dk, dv) if with_state else None
+    return q, k, v, g, beta, s0
+
+
+def test_unit_lower_inverse():
+    r = np.random.default_rng(0)
+    for n in (1, 6, 16, 64):
+        a = np.tril(r.standard_normal((3, n, n)).astype(np.float32) * 0.3, -1)
+        want = np.linalg.inv(np.eye(n) + a.astype(np.float64))
+        assert rel_err(unit_lower_inverse(jnp.asarray(a)), want) < 1e-5, n
+
+
+@pytest.mark.parametrize("s,chunk", [(1, 16), (37, 16), (64, 64), (100, 64)])
+@pytest.mark.parametrize("state_scan", ["associative", "sequential"])
+def test_chunked_equals_recurrent(s, chunk, state_scan):
+    q, k, v, g, beta, s0 = _inputs(s, s=s)
+    out_r, st_r = jax.jit(recurrent_gated_delta_rule)(q, k, v, g, beta, initial_state=s0)
+    out_c, st_c = jax.jit(chunk_gated_delta_rule, static_argnames=("chunk_size", "state_scan"))(
+        q, k, v, g, beta, initial_state=s0, chunk_size=chunk, state_scan=state_scan)
+    assert out_c.shape == out_r.shape == (2, s, 4, 8)
+    assert st_c.dtype == jnp.float32
+    assert rel_err(out_c, out_r) < 1e-5
+    assert rel_err(st_c, st_r) < 1e-5
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_torch_reference(with_state):
+    from transformers.models.qwen3_5.modeling_qwen3_5 import (torch_chunk_gated_delta_rule,
+                                                              torch_recurrent_gated_delta_rule)
+    q, k, v, g, beta, s0 = _inputs(7, s=70, with_state=with_state)
+    tt = lambda x: None if x is None else torch.from_numpy(x)
+    kw = dict(initial_state=tt(s0), output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ref_out, ref_state = torch_recurrent_gated_delta_rule(*map(tt, (q, k, v, g, beta)), **kw)
+    ref_cout, ref_cstate = torch_chunk_gated_delta_rule(*map(tt, (q, k, v, g, beta)), **kw)
+    out, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    out_r, state_r = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    for o, st in ((out, state), (out_r, state_r)):
+        assert rel_err(o, ref_out.numpy()) < 1e-5
+        assert rel_err(st, ref_state.numpy()) < 1e-5
+        assert rel_err(o, ref_cout.numpy()) < 1e-5
+        assert rel_err(st, ref_cstate.numpy()) < 1e-5
+
+
+def _module(chunk_size=16, decode=False, dtype=jnp.float32):
+    cfg = tiny_config().text
+    return cfg, GatedDeltaNet(cfg, dtype=dtype, chunk_size=chunk_size, decode=decode)
+
+
+def test_module_padding_and_decode_states():
+    """Right padding leaves real tokens unchanged; the prefill states continue decoding exactly."""
+    cfg, m = _module()
+    r = np.random.default_rng(3)
+    b, s, extra = 3, 29, 4
+    x = jnp.asarray(r.standard_normal((b, s + extra, cfg.hidden_size)).astype(np.float32))
+    params = m.init(jax.random.PRNGKey(1), x[:, :s])
+    full, _ = jax.jit(m.apply)(params, x)  # unpadded reference, all s + extra tokens
+    lengths = np.array([s, 11, 20])
+    mask = jnp.asarray(np.arange(s)[None] < lengths[:, None])
+    garbage = jnp.where(mask[..., None], x[:, :s], 100.0)  # padding content must not matter
+    cache = init_deltanet_cache(cfg, b)
+    y, cache = jax.jit(m.apply)(params, garbage, mask, cache)
+    for i, n in enumerate(lengths):
+        assert rel_err(y[i, :n], full[i, :n]) < 1e-5
+    assert cache["state"].dtype == jnp.float32
+    _, dm = _module(decode=True)
+    step = jax.jit(dm.apply)
+    for t in range(extra):
+        xt = jnp.stack([x[i, n + t] for i, n in enumerate(lengths)])[:, None]
+        yt, cache = step(params, xt, None, cache)
+        for i, n in enumerate(lengths):
+            assert rel_err(yt[i, 0], full[i, n + t]) < 1e-5, (t, i)
+
+
+def test_bf16_keeps_float32_state():
+    cfg, m = _module(dtype=jnp.bfloat16)
+    x = jnp.ones((1, 9, cfg.hidden_size), jnp.bfloat16)
+    params = m.init(jax.random.PRNGKey(0), x)
+    y, cache = m.apply(params, x, None, init_deltanet_cache(cfg, 1, jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and cache["state"].dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(y)))

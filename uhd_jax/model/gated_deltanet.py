@@ -1,0 +1,264 @@
+"""Gated DeltaNet: the linear-attention token mixer of Qwen3.5 (transformers' `Qwen3_5GatedDeltaNet`).
+
+Per value head, a state S [Dk, Dv] (float32) is updated token by token:
+    S <- exp(g_t) S;  S <- S + beta_t k_t (v_t - S^T k_t)^T;  o_t = S^T q_t
+with q, k L2-normalised (q also scaled by Dk^-1/2), g_t = -exp(A_log) softplus(a_t + dt_bias) <= 0, and
+beta_t = sigmoid(b_t). Two equal forms:
+  - `chunk_gated_delta_rule`: chunks of C tokens; inside a chunk a triangular (UT) system gives all the
+    updates with matmuls; across chunks the state recurrence S_{i+1} = M_i S_i + B_i is affine, so it
+    runs as an associative scan (log depth) or a sequential scan. For training and prefill.
+  - `gated_delta_step`: one token, for decoding.
+Tokens where the mask is False (padding at the end of a row) are identity steps (g = 0, beta = 0), so the
+final state after a padded prefill is the state after each row's last real token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uhd_jax.model.layers import Dense
+from uhd_jax.parallel.axes import with_axes
+
+Dtype = Any
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _prepare(q, k, v, g, beta):
+    """float32; q/k heads repeated to the value heads (each k head serves consecutive v heads); q, k normalised."""
+    hk, hv = k.shape[2], v.shape[2]
+    if hv != hk:
+        q = jnp.repeat(q, hv // hk, axis=2)
+        k = jnp.repeat(k, hv // hk, axis=2)
+    f32 = lambda x: x.astype(jnp.float32)
+    q, k, v, g, beta = map(f32, (q, k, v, g, beta))
+    q = l2_normalize(q) * (q.shape[-1] ** -0.5)
+    k = l2_normalize(k)
+    return q, k, v, g, beta
+
+
+def unit_lower_inverse(a):
+    """(I + a)^-1 for a strictly lower-triangular a [..., n, n], by recursive 2x2 blocking (matmuls only)."""
+    n = a.shape[-1]
+    if n == 1:
+        return jnp.ones_like(a)
+    h = n // 2
+    top, bot, off = a[..., :h, :h], a[..., h:, h:], a[..., h:, :h]
+    if h == n - h:  # both diagonal blocks in one batched call
+        inv = unit_lower_inverse(jnp.stack([top, bot]))
+        ti, bi = inv[0], inv[1]
+    else:
+        ti, bi = unit_lower_inverse(top), unit_lower_inverse(bot)
+    off = -bi @ off @ ti
+    upper = jnp.concatenate([ti, jnp.zeros(ti.shape[:-1] + (n - h,), a.dtype)], axis=-1)
+    lower = jnp.concatenate([off, bi], axis=-1)
+    return jnp.concatenate([upper, lower], axis=-2)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64, initial_state=None,
+                           state_scan: str = "associative"):
+    """Chunked (parallel) gated delta rule.
+
+    q, k: [B, S, Hk, Dk]; v: [B, S, Hv, Dv]; g, beta: [B, S, Hv] (g = log decay <= 0).
+    initial_state: [B, Hv, Dk, Dv] or None (zeros).
+    state_scan: "associative" (log-depth scan over chunks) or "sequential" (lax.scan over chunks).
+    Returns (out [B, S, Hv, Dv] in v's dtype, final_state [B, Hv, Dk, Dv] float32).
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    b, s, h, dk = k.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    pad = (-s) % c
+    if pad:  # padded steps are identities: g = 0, beta = 0
+        pz = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, g, beta = map(pz, (q, k, v, g, beta))
+    n = (s + pad) // c
+
+    def chunks(x):  # [B, S, H, ...] -> [B, H, N, C, ...]
+        x = x.reshape((b, n, c) + x.shape[2:])
+        return jnp.moveaxis(x, 3, 1)
+
+    q, k, v, g, beta = map(chunks, (q, k, v, g, beta))
+    cum = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    diff = cum[..., :, None] - cum[..., None, :]
+    decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))  # exp(cum_i - cum_j) for j <= i, else 0
+
+    kb = k * beta[..., None]
+    vb = v * beta[..., None]
+    a = jnp.where(strict, jnp.einsum("bhncd,bhnsd->bhncs", kb, k) * decay, 0.0)
+    t_inv = unit_lower_inverse(a)
+    u = t_inv @ vb  # [B, H, N, C, Dv]
+    w = t_inv @ (kb * jnp.exp(cum)[..., None])  # [B, H, N, C, Dk]
+    attn = jnp.einsum("bhncd,bhnsd->bhncs", q, k) * decay
+
+    k_tail = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    chunk_decay = jnp.exp(cum[..., -1])  # [B, H, N]
+    # S_{i+1} = M_i S_i + B_i  with  M_i = d_i I - k_tail^T w,  B_i = k_tail^T u
+    trans = chunk_decay[..., None, None] * jnp.eye(dk, dtype=jnp.float32) \
+        - jnp.einsum("bhncd,bhnce->bhnde", k_tail, w)
+    bias = jnp.einsum("bhncd,bhnce->bhnde", k_tail, u)
+    s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+
+    if state_scan == "associative":
+        bias = bias.at[:, :, 0].add(trans[:, :, 0] @ s0)
+
+        def compose(first, then):
+            m1, b1 = first
+            m2, b2 = then
+            return m2 @ m1, m2 @ b1 + b2
+
+        _, after = jax.lax.associative_scan(compose, (trans, bias), axis=2)  # state after each chunk
+    elif state_scan == "sequential":
+        def step(state, mb):
+            m, bb = mb
+            state = m @ state + bb
+            return state, state
+
+        _, after = jax.lax.scan(step, s0, (jnp.moveaxis(trans, 2, 0), jnp.moveaxis(bias, 2, 0)))
+        after = jnp.moveaxis(after, 0, 2)
+    else:
+        raise ValueError(f"state_scan must be 'associative' or 'sequential', got {state_scan!r}")
+    before = jnp.concatenate([s0[:, :, None], after[:, :, :-1]], axis=2)  # state entering each chunk
+
+    v_new = u - w @ before
+    out = (q * jnp.exp(cum)[..., None]) @ before + attn @ v_new  # [B, H, N, C, Dv]
+    out = jnp.moveaxis(out, 1, 3).reshape(b, n * c, h, dv)[:, :s]
+    return out.astype(out_dtype), after[:, :, -1]
+
+
+def gated_delta_step(state, q, k, v, g, beta):
+    """One token, already prepared (`_prepare`): state [B, H, Dk, Dv] f32; q, k [B, H, Dk]; v [B, H, Dv];
+    g, beta [B, H]. Returns (new_state, out [B, H, Dv])."""
+    state = state * jnp.exp(g)[..., None, None]
+    kv_mem = jnp.einsum("bhkv,bhk->bhv", state, k)
+    delta = (v - kv_mem) * beta[..., None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return state, jnp.einsum("bhkv,bhk->bhv", state, q)
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None):
+    """Token-by-token form; same arguments and results as `chunk_gated_delta_rule`."""
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    b, s, h, dk = k.shape
+    s0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None \
+        else initial_state.astype(jnp.float32)
+
+    def step(state, xs):
+        return gated_delta_step(state, *xs)
+
+    final, out = jax.lax.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta)))
+    return jnp.moveaxis(out, 0, 1).astype(out_dtype), final
+
+
+class GatedRMSNorm(nn.Module):
+    """`w * rms_norm(x) * silu(z)` per value head (norm before gate), statistics in float32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, z):
+        w = self.param("scale", with_axes(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        y = w.astype(self.dtype) * y.astype(self.dtype)
+        return (y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))).astype(self.dtype)
+
+
+def init_deltanet_cache(config, batch: int, dtype=jnp.float32) -> dict:
+    """conv: the last K-1 inputs of the causal conv [B, K-1, C]; state: [B, Hv, Dk, Dv] float32."""
+    conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim \
+        + config.linear_num_value_heads * config.linear_value_head_dim
+    return {"conv": jnp.zeros((batch, config.linear_conv_kernel_dim - 1, conv_dim), dtype),
+            "state": jnp.zeros((batch, config.linear_num_value_heads, config.linear_key_head_dim,
+                                config.linear_value_head_dim), jnp.float32)}
+
+
+class GatedDeltaNet(nn.Module):
+    """x [B, S, D] -> [B, S, D]. `decode=True`: S == 1 and `cache` holds the conv and recurrent states.
+
+    Parameters follow the reference one to one (conv kernel stored [K, C]).
+    """
+
+    config: Any  # TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    chunk_size: int = 64
+    state_scan: str = "associative"
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask=None, cache=None):
+        """mask: [B, S] bool, real tokens left-aligned. cache: `init_deltanet_cache` dict or None.
+        Returns (y [B, S, D], new cache or None)."""
+        cfg = self.config
+        bsz, s, d = x.shape
+        hk, hv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                          cfg.linear_value_head_dim)
+        kdim, vdim, ksize = hk * dk, hv * dv, cfg.linear_conv_kernel_dim
+        conv_dim = 2 * kdim + vdim
+        dense = lambda f, name: Dense(f, ("embed", "heads"), use_bias=False, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=name)
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, 0).astype(x.dtype)
+        qkv = dense(conv_dim, "in_proj_qkv")(x)
+        z = dense(vdim, "in_proj_z")(x)
+        b = dense(hv, "in_proj_b")(x)
+        a = dense(hv, "in_proj_a")(x)
+        conv_w = self.param("conv_kernel", with_axes(nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                                                     ("conv", "heads")), (ksize, conv_dim), self.param_dtype)
+        a_log = self.param("A_log", with_axes(lambda key, shape, dt: jnp.log(
+            jax.random.uniform(key, shape, dt, 0.01, 16.0)), ("heads",)), (hv,), self.param_dtype)
+        dt_bias = self.param("dt_bias", with_axes(nn.initializers.ones, ("heads",)), (hv,), self.param_dtype)
+
+        # causal depthwise conv over [previous K-1 inputs, this input]
+        wf = conv_w.astype(jnp.float32)
+        if self.decode:
+            if s != 1:
+                raise ValueError(f"decode takes one token per step, got {s}")
+            window = jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)  # [B, K, C]
+            conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32), wf)[:, None]
+            new_conv = window[:, 1:]
+        else:
+            padded = jnp.pad(qkv, ((0, 0), (ksize - 1, 0), (0, 0)))
+            conv = sum(padded[:, j:j + s].astype(jnp.float32) * wf[j] for j in range(ksize))
+            new_conv = None
+            if cache is not None:  # the last K-1 real inputs of each row (zeros before the start)
+                lengths = jnp.full((bsz,), s, jnp.int32) if mask is None else mask.sum(-1).astype(jnp.int32)
+                idx = lengths[:, None] + jnp.arange(ksize - 1)[None]
+                new_conv = jnp.take_along_axis(padded, idx[..., None], axis=1)
+        conv = nn.silu(conv).astype(self.dtype)
+
+        q = conv[..., :kdim].reshape(bsz, s, hk, dk)
+        k = conv[..., kdim:2 * kdim].reshape(bsz, s, hk, dk)
+        v = conv[..., 2 * kdim:].reshape(bsz, s, hv, dv)
+        beta = nn.sigmoid(b)
+        g = -jnp.exp(a_log.astype(jnp.float32)) * nn.softplus(a.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+        if mask is not None:
+            g = jnp.where(mask[..., None], g, 0.0)
+            beta = jnp.where(mask[..., None], beta, 0).astype(beta.dtype)
+
+        if self.decode:
+            qp, kp, vp, gp, bp = _prepare(q, k, v, g, beta)
+            state, o = gated_delta_step(cache["state"], qp[:, 0], kp[:, 0], vp[:, 0], gp[:, 0], bp[:, 0])
+            core = o[:, None].astype(self.dtype)
+        else:
+            core, state = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=self.chunk_size,
+                                                 state_scan=self.state_scan)
+        core = GatedRMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
+            core, z.reshape(bsz, s, hv, dv))
+        y = Dense(d, ("heads", "embed"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="out_proj")(core.reshape(bsz, s, vdim))
+        new_cache = None if cache is None else {"conv": new_conv.astype(cache["conv"].dtype), "state": state}
+        return y, new_cache
