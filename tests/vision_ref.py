@@ -29,64 +29,12 @@ def _t(x):
     return np.asarray(x.detach().cpu().float().numpy())
 
 
-def _linear(sd, prefix):
-    return {"kernel": _t(sd[prefix + ".weight"]).T, "bias": _t(sd[prefix + ".bias"])}
-
-
-def _ln(sd, prefix):
-    return {"scale": _t(sd[prefix + ".weight"]), "bias": _t(sd[prefix + ".bias"])}
-
-
-def _attn(sd, prefix):
-    return {n: _linear(sd, f"{prefix}.{n}") for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
-
-
-def _layer(sd, prefix):
-    return {
-        "layer_norm1": _ln(sd, prefix + ".layer_norm1"),
-        "self_attn": _attn(sd, prefix + ".self_attn"),
-        "layer_norm2": _ln(sd, prefix + ".layer_norm2"),
-        "mlp": {"fc1": _linear(sd, prefix + ".mlp.fc1"), "fc2": _linear(sd, prefix + ".mlp.fc2")},
-    }
-
-
-def _stack(trees):
-    import jax
-
-    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
-
-
 def vision_params(model, cfg: ModelConfig) -> dict:
-    """Our VisionEncoder parameter tree from the reference model's state dict (test-local mapping)."""
-    sd = model.state_dict()
-    vt = "model.vision_tower"
-    k = cfg.vision.insert_layer_id
-    layers = [_layer(sd, f"{vt}.encoder.layers.{i}") for i in range(cfg.vision.num_hidden_layers)]
-    w = _t(sd[f"{vt}.embeddings.patch_embedding.weight"])
-    tower = {
-        "patch_embedding": {"kernel": w.reshape(w.shape[0], -1).T, "bias": _t(sd[f"{vt}.embeddings.patch_embedding.bias"])},
-        "position_embedding": _t(sd[f"{vt}.embeddings.position_embedding.weight"]),
-        "layers_pre": {"layers": _stack(layers[: k + 1])},
-        "vit_merger": {
-            "layer_norm1": _ln(sd, f"{vt}.vit_merger.layer_norm1"),
-            "self_attn": _attn(sd, f"{vt}.vit_merger.self_attn"),
-            "pre_norm": _ln(sd, f"{vt}.vit_merger.pre_norm"),
-            "linear_1": _linear(sd, f"{vt}.vit_merger.linear_1"),
-            "linear_2": _linear(sd, f"{vt}.vit_merger.linear_2"),
-        },
-        "post_layernorm": _ln(sd, f"{vt}.post_layernorm"),
-    }
-    if k + 1 < len(layers):
-        tower["layers_post"] = {"layers": _stack(layers[k + 1:])}
-    merger = {
-        f"mlp_{i}": {
-            "pre_norm": _ln(sd, f"model.merger.mlp.{i}.pre_norm"),
-            "linear_1": _linear(sd, f"model.merger.mlp.{i}.linear_1"),
-            "linear_2": _linear(sd, f"model.merger.mlp.{i}.linear_2"),
-        }
-        for i in range(cfg.merger.merger_times)
-    }
-    return {"vision_tower": tower, "merger": merger}
+    """Our VisionEncoder parameter tree from the reference model's state dict, through the checkpoint converter."""
+    from uhd_jax.convert.hf_to_jax import convert_state_dict
+
+    sd = {k: _t(v) for k, v in model.state_dict().items()}
+    return convert_state_dict(cfg, sd, parts=("vision",))
 
 
 def navit_views(pixel_values: np.ndarray, target_sizes: np.ndarray, patch_size: int) -> list[np.ndarray]:

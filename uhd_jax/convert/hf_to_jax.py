@@ -18,7 +18,7 @@ from uhd_jax.config import ConfigError, ModelConfig
 from uhd_jax.convert import mapping
 from uhd_jax.convert.checkpoint import CONFIG_FILE, check_output_dir, parse_dtype, write_checkpoint
 from uhd_jax.convert.errors import raise_if
-from uhd_jax.convert.safetensors_io import SafetensorsReader
+from uhd_jax.convert.safetensors_io import DTYPE_CODES, SafetensorsReader, TensorInfo
 from uhd_jax.convert.target import params_shape
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,32 @@ def load_from_reader(cfg: ModelConfig, reader, *, problems: list[str] | None = N
     params = mapping.fill(plan, reader.tensors, reader.read, dtype)
     skipped = sorted(set(reader.tensors) - set(plan.by_hf))
     return Loaded(cfg, params, skipped)
+
+
+class ArraySource:
+    """In-memory tensors (name -> numpy array) behind the reader interface, e.g. a torch state dict as numpy."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+        self.tensors = {n: TensorInfo(n, DTYPE_CODES.get(np.dtype(a.dtype), str(a.dtype)), tuple(a.shape), "", 0,
+                                      a.nbytes) for n, a in arrays.items()}
+
+    def read(self, name, out=None):
+        a = np.asarray(self.arrays[name])
+        if out is None:
+            return a
+        out[...] = a
+        return out
+
+
+def convert_state_dict(cfg: ModelConfig, arrays: dict, *, skip_unused: bool = False, dtype=None,
+                       parts=mapping.PARTS) -> dict:
+    """HF-named numpy arrays (e.g. `{k: v.numpy() for k, v in model.state_dict().items()}`) -> our params.
+    Same table and validation as `load_hf`; `lm_head.weight` is dropped when the embeddings are tied."""
+    arrays = dict(arrays)
+    if cfg.text.tie_word_embeddings:
+        arrays.pop("lm_head.weight", None)  # a live tied model's state dict repeats the embedding here
+    return load_from_reader(cfg, ArraySource(arrays), skip_unused=skip_unused, dtype=dtype, parts=parts).params
 
 
 def load(hf_dir: str, *, skip_unused: bool = False, dtype=None, parts=mapping.PARTS) -> Loaded:
