@@ -184,3 +184,70 @@ def test_pack_samples_convenience(proc):
     b = pack_samples(proc, s, seq_buckets=(512,))
     assert b.vision.patches.shape[0] == 1 and b.input_ids.shape == (1, 512)
     assert int(b.visual_mask.sum()) == 64
+
+
+@pytest.mark.parametrize("mode", ["16x", "4x"])
+def test_vision_arrays_equal_layout_pack_views(proc, mode):
+    """The packer writes views in place; the result is exactly layout.pack_views's."""
+    from uhd_jax.data.layout import pack_views
+
+    p = Processor(proc.tokenizer, proc.slice_config.replace(downsample_mode=mode), proc.tokens)
+    s = _chat(p, [random_image(900, 1600, 1), random_image(33, 71, 2)])
+    cfg = PackerConfig(batch_size=1, seq_buckets=(4096,), tokens_per_view=1160 if mode == "4x" else 1152,
+                       num_views=16)
+    got = Packer(p, cfg).pack([s]).vision
+    want = pack_views(s.views, patch_size=14, positions_per_side=70, mode=mode, tokens_per_view=cfg.tokens_per_view,
+                      num_views=16)
+    for f in ("patches", "pos_ids", "num_tokens", "grid"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    assert (got.mode, got.merger_times) == (want.mode, want.merger_times)
+
+
+def _request(rec):
+    from uhd_jax.data.processor import SampleRequest
+
+    return SampleRequest(messages=[{"role": "user", "content": [{"type": "image", "image": rec}, "Describe."]},
+                                   {"role": "assistant", "content": "A gradient."}])
+
+
+def _dataset(tmp_path):
+    paths = []
+    for i, size in enumerate([(300, 400), (40, 50), (900, 900), (120, 80), (500, 700)]):
+        p = tmp_path / f"im{i}.jpg"
+        random_image(*size, seed=i).save(p, quality=92)
+        paths.append(str(p))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    return paths[:2] + [str(bad), str(tmp_path / "missing.jpg")] + paths[2:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iter_batches_pipeline(proc, tmp_path, workers):
+    from uhd_jax.data.image_io import RecordStats
+    from uhd_jax.data.packer import iter_batches
+
+    model_dir = make_model_dir(tmp_path / "m")
+    recs = _dataset(tmp_path)
+    cfg = PackerConfig(batch_size=2, seq_buckets=(256, 1024), num_views=6)
+    stats = RecordStats()
+    batches = list(iter_batches(recs, _request, config=cfg, model_dir=model_dir, num_workers=workers, stats=stats,
+                                chunk_batches=2))
+    assert (stats.ok, stats.bad) == (5, 2)
+    assert {b.source for b in stats.bad_records} == {recs[2], recs[3]}
+    assert "not a recognized image format" in stats.bad_records[0].reason
+    # same samples, same order as processing them directly; static shapes
+    want = [proc.build(_request(r)) for r in recs if r not in (recs[2], recs[3])]
+    rows = [(b, r) for b in batches for r in range(2) if b.attention_mask[r].any()]
+    assert len(rows) == 5
+    for (b, r), s in zip(rows, want):
+        np.testing.assert_array_equal(b.input_ids[r][b.attention_mask[r]], s.input_ids)
+    for b in batches:
+        assert b.vision.patches.shape == (6, 1152, 588) and b.input_ids.shape[0] == 2
+        assert int(b.visual_mask.sum()) == int(((b.input_ids == proc.image_token_id) & b.attention_mask).sum())
+    # pixels survive the trip through shared memory
+    direct = list(iter_batches(recs, _request, config=cfg, processor=proc, chunk_batches=2))
+    for a, b in zip(batches, direct, strict=True):
+        np.testing.assert_array_equal(a.vision.patches, b.vision.patches)
+        np.testing.assert_array_equal(a.visual_index, b.visual_index)
+    import glob
+    assert not glob.glob("/dev/shm/uhdjax_batch_*/*")

@@ -150,6 +150,13 @@ def _high_bit_to_l(img: Image.Image, name: str, how: str) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8), "L")
 
 
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is not a reason to refuse the pixels
+        return 1
+
+
 def to_rgb(img: Image.Image, *, alpha: str = "white", high_bit_depth: str = "scale",
            name: str | None = None) -> Image.Image:
     """PIL image of any mode -> mode RGB (see the module notes)."""
@@ -199,8 +206,8 @@ def load_image(src, options: LoadOptions | None = None, *, target_size: tuple[in
             raise ImageLoadError(name, f"truncated image file ({msg})") from None
         raise ImageLoadError(name, f"cannot decode image: {msg}") from None
     try:
-        if options.exif_transpose:
-            img = ImageOps.exif_transpose(img)
+        if options.exif_transpose and _exif_orientation(img) in (2, 3, 4, 5, 6, 7, 8):
+            img = ImageOps.exif_transpose(img)  # (exif_transpose copies even when there is nothing to do)
         return to_rgb(img, alpha=options.alpha, high_bit_depth=options.high_bit_depth, name=name)
     except ImageLoadError:
         raise

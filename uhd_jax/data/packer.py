@@ -19,15 +19,32 @@ shrink a thumbnail): raise `tokens_per_view` or lower `scale_resolution`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from uhd_jax.data.batch import ModelBatch
-from uhd_jax.data.layout import merge_levels, pack_views
+from uhd_jax.data.layout import VisionBatch, block_order, merge_levels, nearest_position_ids, patchify
 from uhd_jax.data.processor import Processor, Sample, check_placeholders
 
 OVERFLOW_POLICIES = ("error", "fewer_slices")
+_BATCH_FIELDS = ("input_ids", "attention_mask", "positions", "visual_index", "visual_mask", "loss_mask")
+_VISION_FIELDS = ("patches", "pos_ids", "num_tokens", "grid")
+
+
+def _zeros(specs) -> dict:
+    return {name: np.zeros(shape, dtype) for name, shape, dtype in specs}
+
+
+@functools.lru_cache(maxsize=256)
+def _order_and_positions(h: int, w: int, levels: int, side: int):
+    perm = block_order(h, w, levels)
+    pos = nearest_position_ids(h, w, side)[perm]
+    perm.setflags(write=False)
+    pos.setflags(write=False)
+    return perm, pos
 
 
 class SampleDoesNotFit(ValueError):
@@ -108,9 +125,12 @@ class Packer:
                 return b
         raise SampleDoesNotFit(f"{length} tokens > the largest sequence bucket {self.config.seq_buckets[-1]}")
 
-    def pack(self, samples: Sequence[Sample]) -> ModelBatch:
+    def pack(self, samples: Sequence[Sample], *, alloc: Callable[[list], dict] | None = None) -> ModelBatch:
         """One ModelBatch of `batch_size` rows (missing rows are all padding). Applies the overflow policy to
-        samples that do not fit; several samples that fit alone but not together raise (use `batches`)."""
+        samples that do not fit; several samples that fit alone but not together raise (use `batches`).
+
+        `alloc(specs)`, specs a list of (name, shape, dtype), returns zero-filled arrays by name (default:
+        np.zeros); the worker pool uses it to pack straight into shared memory."""
         c = self.config
         if len(samples) > c.batch_size:
             raise ValueError(f"{len(samples)} samples > batch_size={c.batch_size}")
@@ -122,38 +142,61 @@ class Packer:
             else:
                 names = ", ".join(s.name for s in samples)
                 raise SampleDoesNotFit(f"{total_views} views in the batch > num_views={c.num_views} ({names})")
+        if c.num_views == 0 and any(s.num_views for s in samples):
+            raise SampleDoesNotFit("num_views=0 (text-only batches) but the batch has images")
         S = self.bucket(max((len(s) for s in samples), default=1))
-        B = c.batch_size
-        input_ids = np.full((B, S), self.processor.pad_token_id, np.int32)
-        attention_mask = np.zeros((B, S), bool)
-        positions = np.zeros((B, S), np.int32)
-        visual_index = np.zeros((B, S), np.int32)
-        visual_mask = np.zeros((B, S), bool)
-        loss_mask = np.zeros((B, S), bool)
-        views: list[np.ndarray] = []
+        B, V, T = c.batch_size, c.num_views, c.tokens_per_view
+        pdim = 3 * self.patch_size**2
+        specs = [(f, (B, S), np.int32 if f in ("input_ids", "positions", "visual_index") else np.bool_)
+                 for f in _BATCH_FIELDS]
+        if V > 0:
+            specs += [("vision.patches", (V, T, pdim), np.dtype(c.patches_dtype)), ("vision.pos_ids", (V, T), np.int32),
+                      ("vision.num_tokens", (V,), np.int32), ("vision.grid", (V, 2), np.int32)]
+        arr = (alloc or _zeros)(specs)
+        input_ids = arr["input_ids"]
+        input_ids[...] = self.processor.pad_token_id
         T_out = self.out_tokens_per_view
+        slot = 0
         for b, s in enumerate(samples):
             L = len(s)
             input_ids[b, :L] = s.input_ids
-            attention_mask[b, :L] = True
-            positions[b, :L] = np.arange(L, dtype=np.int32)
-            loss_mask[b, :L] = s.loss_mask
+            arr["attention_mask"][b, :L] = True
+            arr["positions"][b, :L] = np.arange(L, dtype=np.int32)
+            arr["loss_mask"][b, :L] = s.loss_mask
             runs = check_placeholders(s.input_ids, s.view_grids, self.processor.image_token_id, self.mode, s.name,
                                       c.merger_times)
             for (start, n), v in zip(runs, s.views):
-                slot = len(views)
-                visual_index[b, start:start + n] = slot * T_out + np.arange(n, dtype=np.int32)
-                visual_mask[b, start:start + n] = True
-                views.append(v)
+                arr["visual_index"][b, start:start + n] = slot * T_out + np.arange(n, dtype=np.int32)
+                arr["visual_mask"][b, start:start + n] = True
+                self._put_view(arr, slot, v, s.name)
+                slot += 1
         vision = None
-        if c.num_views > 0:
-            vision = pack_views(views, patch_size=self.patch_size, positions_per_side=c.positions_per_side,
-                                mode=self.mode, merger_times=c.merger_times, tokens_per_view=c.tokens_per_view,
-                                num_views=c.num_views, dtype=np.dtype(c.patches_dtype))
-        elif views:
-            raise SampleDoesNotFit("num_views=0 (text-only batches) but the batch has images")
-        return ModelBatch(input_ids=input_ids, attention_mask=attention_mask, positions=positions,
-                          visual_index=visual_index, visual_mask=visual_mask, loss_mask=loss_mask, vision=vision)
+        if V > 0:
+            vision = VisionBatch(patches=arr["vision.patches"], pos_ids=arr["vision.pos_ids"],
+                                 num_tokens=arr["vision.num_tokens"], grid=arr["vision.grid"], mode=self.mode,
+                                 merger_times=c.merger_times)
+        return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
+
+    def _put_view(self, arr, slot: int, view: np.ndarray, name: str):
+        """Writes one view into slot `slot`: what layout.pack_views does for it (block order, positions), without
+        building a second copy of the batch."""
+        p = self.patch_size
+        c, hh, ww = view.shape
+        h, w = hh // p, ww // p
+        try:
+            perm, pos = _order_and_positions(h, w, self.levels, self.config.positions_per_side)
+            flat = patchify(view, p)
+        except ValueError as e:
+            raise ValueError(f"{name}: view in slot {slot}: {e}") from None
+        n = h * w
+        out = arr["vision.patches"][slot, :n]
+        if out.dtype == flat.dtype:
+            np.take(flat, perm, axis=0, out=out)
+        else:
+            out[...] = flat[perm]
+        arr["vision.pos_ids"][slot, :n] = pos
+        arr["vision.num_tokens"][slot] = n
+        arr["vision.grid"][slot] = (h, w)
 
     def _shrink_together(self, samples: list[Sample]) -> list[Sample]:
         samples = list(samples)
@@ -167,8 +210,8 @@ class Packer:
             samples[i] = self.processor.build(s.request, max_slice_nums=s.max_slice_nums - 1)
         return samples
 
-    def batches(self, samples: Iterable[Sample], *, on_skip: Callable[[Sample, Exception], None] | None = None
-                ) -> Iterator[ModelBatch]:
+    def batches(self, samples: Iterable[Sample], *, on_skip: Callable[[Sample, Exception], None] | None = None,
+                alloc: Callable[[list], dict] | None = None) -> Iterator[ModelBatch]:
         """Greedy streaming batcher: fills a batch in order until the next sample would exceed batch_size or
         num_views, then emits it. A sample that does not fit alone raises, or with `on_skip` is reported there
         and skipped (counted by the caller; its image tokens are never silently dropped)."""
@@ -183,12 +226,12 @@ class Packer:
                 on_skip(s, e)
                 continue
             if cur and (len(cur) == self.config.batch_size or views + s.num_views > self.config.num_views):
-                yield self.pack(cur)
+                yield self.pack(cur, alloc=alloc)
                 cur, views = [], 0
             cur.append(s)
             views += s.num_views
         if cur:
-            yield self.pack(cur)
+            yield self.pack(cur, alloc=alloc)
 
 
 def pack_samples(processor: Processor, samples: Sequence[Sample], **config) -> ModelBatch:
@@ -197,3 +240,218 @@ def pack_samples(processor: Processor, samples: Sequence[Sample], **config) -> M
     config.setdefault("batch_size", max(1, len(samples)))
     config.setdefault("num_views", sum(s.num_views for s in samples))
     return Packer(processor, PackerConfig(**config)).pack(samples)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset pipeline: records -> ModelBatches, optionally in a pool of worker processes
+
+
+def _worker_processor(spec):
+    """Per-process Processor cache (`spec`: a Processor in-process, or (model_dir, kwargs) in a worker)."""
+    if isinstance(spec, Processor):
+        return spec
+    key = (spec[0], tuple(sorted(spec[1].items())))
+    proc = _WORKER_PROCESSORS.get(key)
+    if proc is None:
+        proc = Processor.from_pretrained(spec[0], **spec[1])
+        _WORKER_PROCESSORS[key] = proc
+    return proc
+
+
+_WORKER_PROCESSORS: dict = {}
+
+
+def _pack_chunk(spec, config: PackerConfig, make_request, chunk, strict: bool, transport_dir: str | None):
+    """Worker job: records -> Samples -> ModelBatches (greedy, in order). Returns (batches, bad records)."""
+    from uhd_jax.data.image_io import ImageLoadError, record_source
+
+    proc = _worker_processor(spec)
+    packer = Packer(proc, config)
+    samples, bad, index_of = [], [], {}
+    for i, rec in chunk:
+        try:
+            req = make_request(rec)
+            if req.name is None:
+                req.name = record_source(rec)
+            s = proc.build(req)
+        except Exception as e:  # noqa: BLE001 - one bad record never stops the run
+            if strict:
+                raise
+            src = e.source if isinstance(e, ImageLoadError) else record_source(rec)
+            reason = e.reason if isinstance(e, ImageLoadError) else f"{type(e).__name__}: {e}"
+            bad.append((i, src, reason))
+            continue
+        index_of[id(s)] = i
+        samples.append(s)
+
+    def skip(s, e):
+        if strict:
+            raise e
+        bad.append((index_of.get(id(s), -1), s.name, str(e)))
+
+    if transport_dir is None:
+        return list(packer.batches(samples, on_skip=skip)), bad
+    msgs = []
+    arena = _FileArena(transport_dir)
+    for b in packer.batches(samples, on_skip=skip, alloc=arena):
+        msgs.append(arena.message(b))
+        del b
+    return msgs, bad
+
+
+class _FileArena:
+    """Allocator for Packer.pack that places all arrays of one batch in one file on a RAM file system (mapped
+    shared, zero-filled by the kernel), so the batch is written once and the parent maps it instead of
+    unpickling pixels."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = None
+        self.meta = None
+
+    def __call__(self, specs) -> dict:
+        import mmap
+        import tempfile
+
+        layout, off = [], 0
+        for name, shape, dtype in specs:
+            dtype = np.dtype(dtype)
+            layout.append((name, dtype.str, tuple(shape), off))
+            off += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 64) * 64
+        fd, self.path = tempfile.mkstemp(dir=self.directory, prefix=_FILE_PREFIX)
+        try:
+            os.ftruncate(fd, max(off, 64))
+            mm = mmap.mmap(fd, max(off, 64))
+        finally:
+            os.close(fd)
+        self.meta = layout
+        return _views_of(mm, layout)
+
+    def message(self, batch: ModelBatch):
+        static = None if batch.vision is None else (batch.vision.mode, batch.vision.merger_times)
+        return ("file", self.path, self.meta, static)
+
+
+def _views_of(buf, layout) -> dict:
+    out = {}
+    for name, dt, shape, off in layout:
+        dt = np.dtype(dt)
+        n = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
+    return out
+
+
+def _batch_from_file(msg) -> ModelBatch:
+    import mmap
+
+    _, path, layout, static = msg
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    os.unlink(path)  # the mapping stays valid; the memory goes when the arrays do
+    arr = _views_of(mm, layout)
+    vision = None
+    if static is not None:
+        vision = VisionBatch(**{f: arr["vision." + f] for f in _VISION_FIELDS}, mode=static[0],
+                             merger_times=static[1])
+    return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
+
+
+_FILE_PREFIX = "uhdjax_batch_"
+
+
+def _ram_dir() -> str:
+    import tempfile
+
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def iter_batches(records: Iterable, make_request: Callable, *, config: PackerConfig,
+                 processor: Processor | None = None, model_dir: str | None = None,
+                 processor_kwargs: dict | None = None, num_workers: int = 0, chunk_batches: int = 4,
+                 prefetch: int | None = None, stats=None, strict: bool = False) -> Iterator[ModelBatch]:
+    """Records -> static-shape ModelBatches, in record order.
+
+    `make_request(record) -> SampleRequest` (a top-level function when `num_workers > 0`). Records are taken in
+    chunks of `chunk_batches * batch_size`; each chunk is processed and packed greedily (a chunk may give more
+    than one batch when the view budget is reached; no sample is dropped for that). A record that fails
+    (unreadable image, bad text, does not fit even after the overflow policy) is skipped and recorded in
+    `stats` (image_io.RecordStats: index, path, reason) unless `strict`, which raises.
+
+    `num_workers > 0` runs chunks in a pool of processes (each loads its own Processor from `model_dir` with
+    `processor_kwargs`); batches come back through files on /dev/shm mapped into this process, so pixels are
+    not pickled. At most `prefetch` chunks (default 2 * num_workers) are in flight."""
+    from uhd_jax.data.image_io import BadRecord, RecordStats
+
+    stats = stats if stats is not None else RecordStats()
+    size = max(1, chunk_batches * config.batch_size)
+
+    def chunks():
+        buf = []
+        for i, r in enumerate(records):
+            buf.append((i, r))
+            if len(buf) == size:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    def account(bad, n_in_chunk):
+        for i, src, reason in bad:
+            stats.add_bad(BadRecord(index=i, source=src, reason=reason))
+        stats.ok += n_in_chunk - len(bad)
+
+    if not num_workers:
+        if processor is None:
+            if model_dir is None:
+                raise ValueError("give a processor or a model_dir")
+            processor = Processor.from_pretrained(model_dir, **(processor_kwargs or {}))
+        for ch in chunks():
+            batches, bad = _pack_chunk(processor, config, make_request, ch, strict, None)
+            account(bad, len(ch))
+            yield from batches
+        return
+
+    if model_dir is None:
+        raise ValueError("num_workers > 0 needs model_dir (each worker loads its own Processor)")
+    import collections
+    import glob
+    import multiprocessing as mp
+
+    spec = (os.fspath(model_dir), dict(processor_kwargs or {}))
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    tdir = os.path.join(_ram_dir(), f"{_FILE_PREFIX}{os.getpid()}_{id(stats):x}")
+    os.makedirs(tdir, exist_ok=True)
+    pool = ctx.Pool(num_workers)
+    window = collections.deque()
+    limit = prefetch or 2 * num_workers
+    try:
+        it = chunks()
+        done = False
+        while True:
+            while not done and len(window) < limit:
+                ch = next(it, None)
+                if ch is None:
+                    done = True
+                    break
+                window.append((len(ch), pool.apply_async(_pack_chunk, (spec, config, make_request, ch, strict,
+                                                                        tdir))))
+            if not window:
+                break
+            n, res = window.popleft()
+            batches, bad = res.get()
+            account(bad, n)
+            for msg in batches:
+                yield _batch_from_file(msg)
+    finally:
+        pool.terminate()
+        pool.join()
+        for p in glob.glob(os.path.join(tdir, _FILE_PREFIX + "*")):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        try:
+            os.rmdir(tdir)
+        except OSError:
+            pass

@@ -225,9 +225,10 @@ def normalize_image(rgb: np.ndarray, cfg: SliceConfig) -> np.ndarray:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected [H, W, 3] uint8 pixels, got {rgb.dtype} {rgb.shape}")
     lut = normalize_table(cfg)
-    out = np.empty((3,) + rgb.shape[:2], np.float32)
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    out = np.empty(chw.shape, np.float32)
     for c in range(3):
-        np.take(lut[c], rgb[:, :, c], out=out[c])
+        out[c] = lut[c][chw[c]]
     return out
 
 
