@@ -207,3 +207,25 @@ def test_placeholder_count_property(proc, h, w, mode, msn):
     ids, _ = p.encode(text)
     runs = check_placeholders(ids, plan.target_sizes, p.image_token_id, mode)
     assert sum(n for _, n in runs) == sum(view_token_count(a, b, mode) for a, b in plan.target_sizes)
+
+
+def test_file_paths_match_reference_loader(ref, proc, tmp_path):
+    """Given file paths, both sides load the files themselves (the reference through its load_image)."""
+    paths = []
+    for i, size in enumerate([(600, 800), (1201, 333)]):
+        p = tmp_path / f"f{i}.jpg"
+        random_image(*size, seed=i).save(p, quality=90)
+        paths.append(str(p))
+    _compare(ref, proc, [f"{IM} and {IM}: same?"], paths)
+
+
+def test_jpeg_draft_option(model_dir, proc, tmp_path):
+    from uhd_jax.data.image_io import LoadOptions
+
+    p = tmp_path / "big.jpg"
+    random_image(2400, 3200, 1).save(p, quality=90)
+    fast = Processor.from_pretrained(model_dir, load_options=LoadOptions(jpeg_draft_margin=1.0))
+    a, b = proc.process_image(str(p)), fast.process_image(str(p))
+    assert a.plan == b.plan  # same sizes and token counts; pixels approximate
+    err = max(float(np.abs(x - y).mean()) for x, y in zip(a.views, b.views))
+    assert 0 < err < 0.05
