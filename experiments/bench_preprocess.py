@@ -115,6 +115,7 @@ def main():
     cores = os.cpu_count() or 1
     workers = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
 
+    load0 = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="bench_pre_")
     model_dir = make_model_dir(os.path.join(tmp, "model"))
     proc = Processor.from_pretrained(model_dir)
@@ -172,7 +173,7 @@ def main():
             pool_rows.append((f"{w}x{h}", k, n / dt))
 
     print(f"\nHost preprocessing, {cores} cores ({os.uname().machine}), Pillow {Image.__version__}, "
-          f"single process (one core):\n")
+          f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}; single process (one core):\n")
     print(f"| image | stage | ms / image | images/s per core | cores for {TARGET_PER_GPU:.0f} img/s per GPU |")
     print("|---|---|---:|---:|---:|")
     for label, stage, t in rows:

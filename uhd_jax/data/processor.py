@@ -18,6 +18,11 @@ is a string (image tokens in it refer to `images` in order) or a list of parts `
 `{"type": "image", "image": path | bytes | PIL}` joined by "\n". The loss mask is True on the tokens of
 assistant contents and their closing `<|im_end|>` (not on the `<|im_start|>assistant\n` header, nor on the
 newline after `<|im_end|>`, nor on image placeholders).
+
+Images may be paths, bytes or PIL images; all go through `image_io.load_image` (EXIF orientation applied,
+transparency composited on white, see image_io for how this relates to the reference's two input routes), then
+`slicer.slice_image`. Pixels and token ids are bit-identical to the reference for RGB images without EXIF
+rotation, whichever way they are given (tests/test_processor.py).
 """
 
 from __future__ import annotations
@@ -214,16 +219,17 @@ class Processor:
     def _process_with_draft(self, src, max_slice_nums):
         # Peek at the header size, plan on it, and let the JPEG decoder skip what the resizes would drop.
         # Not bit-exact with the reference (off by default).
-        from uhd_jax.data.image_io import _open, _source_name
+        from uhd_jax.data.image_io import _exif_orientation, _open, _source_name
 
-        hdr = _open(src, _source_name(src), self.load_options.max_pixels)
+        hdr = _open(src, _source_name(src), self.load_options.max_pixels)  # header only
         w, h = hdr.size
-        orient = hdr.getexif().get(0x0112, 1) if self.load_options.exif_transpose else 1
+        orient = _exif_orientation(hdr) if self.load_options.exif_transpose else 1
         hdr.close()
         if orient in (5, 6, 7, 8):
             h, w = w, h
         plan = self.plan((h, w), max_slice_nums)
-        need = max([plan.thumb_size] + ([plan.refine_size] if plan.refine_size else []), key=lambda s: s[0] * s[1])
+        sizes = [plan.thumb_size] + ([plan.refine_size] if plan.refine_size else [])
+        need = (max(s[0] for s in sizes), max(s[1] for s in sizes))
         if orient in (5, 6, 7, 8):
             need = (need[1], need[0])
         img = load_image(src, self.load_options, target_size=need)
