@@ -247,13 +247,14 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def part_roots(tree: Mapping, parts) -> dict[str, tuple[str, ...]]:
-    """Where each part's root dict is in the full tree (found by its anchor key)."""
-    roots = {}
-    for path in flatten(tree):
+    """Where each part's root dict is in the full tree (the first dict, breadth first, holding its anchor key)."""
+    roots, queue = {}, [((), tree)]
+    while queue:
+        path, d = queue.pop(0)
         for part in parts:
-            anchor = PART_ANCHORS[part]
-            if anchor in path and part not in roots:
-                roots[part] = path[:path.index(anchor)]
+            if PART_ANCHORS[part] in d and part not in roots:
+                roots[part] = path
+        queue += [(path + (k,), v) for k, v in d.items() if isinstance(v, Mapping)]
     missing = [p for p in parts if p not in roots]
     if missing:
         raise ValueError(f"the parameter tree has no {missing} part (looked for keys "
@@ -362,11 +363,12 @@ def check_source(plan: Plan, infos: Mapping[str, Any], *, skip_unused: bool = Fa
         if info is None:
             problems.append(f"missing tensor `{e.hf}` (expected {list(e.hf_shape)}, fills `{e.where()}`)")
             continue
+        name = f"`{e.hf}`" + (f" (from `{info.origin}`)" if getattr(info, "origin", "") else "")
         if tuple(info.shape) != e.hf_shape:
-            problems.append(f"tensor `{e.hf}` has shape {list(info.shape)}, the config expects {list(e.hf_shape)} "
+            problems.append(f"tensor {name} has shape {list(info.shape)}, the config expects {list(e.hf_shape)} "
                             f"(for `{e.where()}`)")
         if info.dtype not in FLOAT_DTYPES:
-            problems.append(f"tensor `{e.hf}` has dtype {info.dtype}; parameters take {', '.join(FLOAT_DTYPES)}")
+            problems.append(f"tensor {name} has dtype {info.dtype}; parameters take {', '.join(FLOAT_DTYPES)}")
     if dtype is None:  # a scanned parameter keeps the checkpoint's dtype only if all its layers share it
         for path, es in plan.by_path.items():
             seen = {infos[e.hf].dtype: e.hf for e in es if e.hf in infos}
@@ -377,8 +379,9 @@ def check_source(plan: Plan, infos: Mapping[str, Any], *, skip_unused: bool = Fa
     if not skip_unused:
         for n in sorted(unused):
             info = infos[n]
-            problems.append(f"unused tensor `{n}` {info.dtype} {list(info.shape)}: {explain_unused(n, plan.cfg)} "
-                            f"(skip_unused drops it)")
+            origin = f" (from `{info.origin}`)" if getattr(info, "origin", "") else ""
+            problems.append(f"unused tensor `{n}`{origin} {info.dtype} {list(info.shape)}: "
+                            f"{explain_unused(n, plan.cfg)} (skip_unused drops it)")
     return problems, sorted(unused)
 
 
