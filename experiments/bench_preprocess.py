@@ -111,6 +111,7 @@ def main():
     ap.add_argument("--workers", default=None, help="comma list of pool sizes (default: 1,<cores>)")
     ap.add_argument("--draft", action="store_true", help="also measure JPEG draft decoding (approximate)")
     ap.add_argument("--sizes", default="1344x1344,4000x3000", help="WxH list")
+    ap.add_argument("--patches-dtype", default="float32,bfloat16", help="pool batches' patch dtypes (comma list)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     workers = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
@@ -158,19 +159,21 @@ def main():
             mean = float(np.mean([np.abs(x - y).mean() for x, y in zip(a.views, b.views)]))
             notes.append(f"{w}x{h} JPEG draft vs exact: max |diff| {err:.3f}, mean {mean:.4f} "
                          f"(normalized units, range [-1, 1]; 1/255 px = {2 / 255:.4f})")
-        cfg = PackerConfig(batch_size=4, seq_buckets=(4096,), tokens_per_view=1152, num_views=40)
         recs = [paths[i % len(paths)] for i in range(args.pool_n)]
-        for k in workers:
-            stats = RecordStats()
-            # start-up (process start, imports) not counted: the first chunk is a warm-up
-            it = iter_batches(recs + recs[:4 * k], make_request, config=cfg, model_dir=model_dir, num_workers=k,
-                              stats=stats, chunk_batches=1)
-            for _ in range(k):
-                next(it)
-            t = time.perf_counter()
-            n = sum(int(b.attention_mask.any(1).sum()) for b in it)
-            dt = time.perf_counter() - t
-            pool_rows.append((f"{w}x{h}", k, n / dt))
+        for dt in args.patches_dtype.split(","):
+            cfg = PackerConfig(batch_size=4, seq_buckets=(4096,), tokens_per_view=1152, num_views=40,
+                               patches_dtype=dt)
+            for k in workers:
+                stats = RecordStats()
+                # start-up (process start, imports) not counted: the first chunk per worker is a warm-up
+                it = iter_batches(recs + recs[:4 * k], make_request, config=cfg, model_dir=model_dir,
+                                  num_workers=k, stats=stats, chunk_batches=1)
+                for _ in range(k):
+                    next(it)
+                t = time.perf_counter()
+                n = sum(int(b.attention_mask.any(1).sum()) for b in it)
+                dt_s = time.perf_counter() - t
+                pool_rows.append((f"{w}x{h}", dt, k, n / dt_s))
 
     print(f"\nHost preprocessing, {cores} cores ({os.uname().machine}), Pillow {Image.__version__}, "
           f"load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f}; single process (one core):\n")
@@ -178,12 +181,13 @@ def main():
     print("|---|---|---:|---:|---:|")
     for label, stage, t in rows:
         print(f"| {label} | {stage} | {t * 1e3:.1f} | {1 / t:.1f} | {TARGET_PER_GPU * t:.1f} |")
-    print("\nWorker pool (packer.iter_batches: file -> ModelBatch [4 x 4096, 40 views x 1152 patches], exact; "
-          "batches come back through /dev/shm; pool start-up excluded):\n")
-    print("| image | workers | images/s | images/s per worker |")
-    print("|---|---:|---:|---:|")
-    for label, k, r in pool_rows:
-        print(f"| {label} | {k} | {r:.1f} | {r / k:.1f} |")
+    print("\nWorker pool (packer.iter_batches: file -> ModelBatch [4 x 4096, 40 views x 1152 patches], exact "
+          "pixels for float32; batches packed straight into /dev/shm and mapped here; pool start-up excluded; "
+          "this process also runs on the same cores):\n")
+    print("| image | patches | workers | images/s | images/s per worker | cores for 50 img/s per GPU |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, dt, k, r in pool_rows:
+        print(f"| {label} | {dt} | {k} | {r:.1f} | {r / k:.1f} | {TARGET_PER_GPU * k / r:.1f} |")
     for n in notes:
         print("\n" + n)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -251,3 +251,21 @@ def test_iter_batches_pipeline(proc, tmp_path, workers):
         np.testing.assert_array_equal(a.visual_index, b.visual_index)
     import glob
     assert not glob.glob("/dev/shm/uhdjax_batch_*/*")
+
+
+def test_bfloat16_patches_and_file_transport(proc, tmp_path):
+    from uhd_jax.data.packer import _batch_from_file, _FileArena
+
+    s = _chat(proc, [random_image(700, 1000, 1)])
+    f32 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), num_views=6)).pack([s])
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), num_views=6, patches_dtype="bfloat16"))
+    arena = _FileArena(str(tmp_path))
+    b = pk.pack([s], alloc=arena)
+    msg = arena.message(b)
+    del b
+    got = _batch_from_file(msg)
+    assert got.vision.patches.dtype.name == "bfloat16"
+    np.testing.assert_allclose(got.vision.patches.astype(np.float32), f32.vision.patches, atol=4e-3)
+    np.testing.assert_array_equal(got.visual_index, f32.visual_index)
+    np.testing.assert_array_equal(got.input_ids, f32.input_ids)
+    assert not list(tmp_path.iterdir())  # the file is unlinked once mapped

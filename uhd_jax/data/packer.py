@@ -9,11 +9,20 @@ Visual-token placement: the encoder turns the views into [num_views, T_out, D] (
 (b, s) with `visual_index[b, s] = k * T_out + j` and `visual_mask[b, s] = True`. Block order (layout.py) makes
 the first `view_token_count` outputs of a view its real tokens, in the reference's row-major order.
 
-When a sample does not fit (its views exceed `num_views`, or its tokens the largest bucket), `overflow`
-decides: "error" raises an error naming the sample; "fewer_slices" rebuilds it with a smaller
-`max_slice_nums` (down to 1: thumbnail only) until it fits, and raises if even that does not. Image tokens are
-never dropped or truncated. A view larger than `tokens_per_view` patches always raises (fewer slices do not
-shrink a thumbnail): raise `tokens_per_view` or lower `scale_resolution`.
+Rows hold real tokens first (attention_mask True), then `pad_token_id`; positions count 0.. on real tokens
+and are 0 on padding; loss_mask[b, s] is True where token s itself is a training target (the model shifts).
+Rows beyond the samples given are all padding. View slots beyond the batch's views are zero with
+num_tokens 0. With `num_views=0` batches are text-only (vision None).
+
+When a sample does not fit (a view above `tokens_per_view` patches, more views than `num_views`, more tokens
+than the largest bucket), `overflow` decides: "error" raises SampleDoesNotFit naming the sample and the
+reason; "fewer_slices" rebuilds it with a smaller `max_slice_nums` (down to 1: thumbnail only) until it fits,
+and raises if even that does not (fewer slices do not shrink a thumbnail: an extreme-aspect image whose
+thumbnail exceeds `tokens_per_view` needs a larger `tokens_per_view`). Image tokens are never dropped or
+truncated.
+
+`iter_batches` is the dataset pipeline: records -> Samples -> batches, in order, optionally in a pool of
+worker processes that pack straight into /dev/shm; bad records are skipped and reported with their path.
 """
 
 from __future__ import annotations
@@ -32,6 +41,15 @@ from uhd_jax.data.processor import Processor, Sample, check_placeholders
 OVERFLOW_POLICIES = ("error", "fewer_slices")
 _BATCH_FIELDS = ("input_ids", "attention_mask", "positions", "visual_index", "visual_mask", "loss_mask")
 _VISION_FIELDS = ("patches", "pos_ids", "num_tokens", "grid")
+
+
+def _dtype(name) -> np.dtype:
+    """numpy dtype from a name; "bfloat16" through ml_dtypes (installed with jax)."""
+    if isinstance(name, str) and name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def _zeros(specs) -> dict:
@@ -60,7 +78,7 @@ class PackerConfig:
     overflow: str = "error"  # "error" or "fewer_slices"
     positions_per_side: int = 70  # side of the ViT's learned position table
     merger_times: int = 1
-    patches_dtype: str = "float32"
+    patches_dtype: str = "float32"  # or "bfloat16": half the host memory and transfer, not bit-exact pixels
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW_POLICIES:
@@ -150,8 +168,9 @@ class Packer:
         specs = [(f, (B, S), np.int32 if f in ("input_ids", "positions", "visual_index") else np.bool_)
                  for f in _BATCH_FIELDS]
         if V > 0:
-            specs += [("vision.patches", (V, T, pdim), np.dtype(c.patches_dtype)), ("vision.pos_ids", (V, T), np.int32),
-                      ("vision.num_tokens", (V,), np.int32), ("vision.grid", (V, 2), np.int32)]
+            specs += [("vision.patches", (V, T, pdim), _dtype(c.patches_dtype)),
+                      ("vision.pos_ids", (V, T), np.int32), ("vision.num_tokens", (V,), np.int32),
+                      ("vision.grid", (V, 2), np.int32)]
         arr = (alloc or _zeros)(specs)
         input_ids = arr["input_ids"]
         input_ids[...] = self.processor.pad_token_id
@@ -315,8 +334,8 @@ class _FileArena:
 
         layout, off = [], 0
         for name, shape, dtype in specs:
-            dtype = np.dtype(dtype)
-            layout.append((name, dtype.str, tuple(shape), off))
+            dtype = _dtype(dtype)
+            layout.append((name, dtype.name if dtype.name == "bfloat16" else dtype.str, tuple(shape), off))
             off += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 64) * 64
         fd, self.path = tempfile.mkstemp(dir=self.directory, prefix=_FILE_PREFIX)
         try:
@@ -335,7 +354,7 @@ class _FileArena:
 def _views_of(buf, layout) -> dict:
     out = {}
     for name, dt, shape, off in layout:
-        dt = np.dtype(dt)
+        dt = _dtype(dt)
         n = int(np.prod(shape, dtype=np.int64))
         out[name] = np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
     return out
