@@ -18,7 +18,7 @@ from uhd_jax.data.layout import VisionBatch
 class ModelBatch:
     """input_ids:     [B, S] int32 token ids (padding: any id, masked by attention_mask).
     attention_mask: [B, S] bool, True for real tokens (left-aligned: real tokens first).
-    positions:      [B, S] int32 rope positions (0.. for real tokens).
+    positions:      [B, S] int32 rope positions (0.. for real tokens, 0 on padding).
     visual_index:   [B, S] int32 row of the flattened visual tokens to place here (0 where unused).
     visual_mask:    [B, S] bool, True at <|image_pad|> positions that receive a visual token.
     loss_mask:      [B, S] bool, True where the token is a training target (assistant turns).

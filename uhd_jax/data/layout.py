@@ -14,6 +14,7 @@ Views are padded to a fixed per-view token budget (`tokens_per_view`) and a fixe
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.struct
@@ -103,6 +104,39 @@ def view_token_count(h: int, w: int, mode: str, merger_times: int = 1) -> int:
     return (h * w) >> (2 * merge_levels(mode, merger_times))
 
 
+@functools.lru_cache(maxsize=512)
+def view_order(h: int, w: int, levels: int, positions_per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, pos_ids) of an h x w view in block order; cached, read-only."""
+    perm = block_order(h, w, levels)
+    pos = nearest_position_ids(h, w, positions_per_side)[perm]
+    perm.setflags(write=False)
+    pos.setflags(write=False)
+    return perm, pos
+
+
+def write_view(patches: np.ndarray, pos_ids: np.ndarray, num_tokens: np.ndarray, grid: np.ndarray, slot: int,
+               view: np.ndarray, *, patch_size: int, levels: int, positions_per_side: int):
+    """Writes one [C, H, W] view into slot `slot` of preallocated VisionBatch arrays (block order, positions).
+    The rest of the slot is left as it is (zeros when freshly allocated)."""
+    view = np.asarray(view)
+    if view.ndim != 3:
+        raise ValueError(f"expected [C, H, W] pixels, got shape {view.shape}")
+    h, w = view.shape[1] // patch_size, view.shape[2] // patch_size
+    perm, pos = view_order(h, w, levels, positions_per_side)
+    flat = patchify(view, patch_size)
+    n = h * w
+    if n > patches.shape[1]:
+        raise ValueError(f"{n} patches ({h}x{w}) do not fit tokens_per_view={patches.shape[1]}")
+    out = patches[slot, :n]
+    if out.dtype == flat.dtype:
+        np.take(flat, perm, axis=0, out=out)
+    else:
+        out[...] = flat[perm]
+    pos_ids[slot, :n] = pos
+    num_tokens[slot] = n
+    grid[slot] = (h, w)
+
+
 def pack_views(views: Sequence[np.ndarray], *, patch_size: int, positions_per_side: int, mode: str = "16x",
                merger_times: int = 1, tokens_per_view: int | None = None, num_views: int | None = None,
                dtype=np.float32) -> VisionBatch:
@@ -110,21 +144,12 @@ def pack_views(views: Sequence[np.ndarray], *, patch_size: int, positions_per_si
     into a VisionBatch padded to `tokens_per_view` patches per view and `num_views` views."""
     levels = merge_levels(mode, merger_times)
     unit = 1 << (2 * levels)
-    grids, rows, pos = [], [], []
+    views = [np.asarray(v) for v in views]
     for i, v in enumerate(views):
-        v = np.asarray(v)
         if v.ndim != 3:
             raise ValueError(f"view {i}: expected [C, H, W] pixels, got shape {v.shape}")
-        h, w = v.shape[1] // patch_size, v.shape[2] // patch_size
-        try:
-            perm = block_order(h, w, levels)
-            flat = patchify(v, patch_size)
-        except ValueError as e:
-            raise ValueError(f"view {i}: {e}") from None
-        grids.append((h, w))
-        rows.append(flat[perm])
-        pos.append(nearest_position_ids(h, w, positions_per_side)[perm])
-    longest = max((r.shape[0] for r in rows), default=unit)
+    counts = [(v.shape[1] // patch_size) * (v.shape[2] // patch_size) for v in views]
+    longest = max(counts, default=unit)
     if tokens_per_view is None:
         tokens_per_view = -(-longest // unit) * unit
     if tokens_per_view % unit:
@@ -134,16 +159,16 @@ def pack_views(views: Sequence[np.ndarray], *, patch_size: int, positions_per_si
     num_views = len(views) if num_views is None else num_views
     if len(views) > num_views:
         raise ValueError(f"{len(views)} views do not fit num_views={num_views}")
-    pdim = rows[0].shape[1] if rows else 3 * patch_size * patch_size
-    patches = np.zeros((num_views, tokens_per_view, pdim), dtype)
+    channels = views[0].shape[0] if views else 3
+    patches = np.zeros((num_views, tokens_per_view, channels * patch_size * patch_size), dtype)
     pos_ids = np.zeros((num_views, tokens_per_view), np.int32)
     num_tokens = np.zeros((num_views,), np.int32)
     grid = np.zeros((num_views, 2), np.int32)
-    for i, (r, p, g) in enumerate(zip(rows, pos, grids)):
-        n = r.shape[0]
-        patches[i, :n] = r
-        pos_ids[i, :n] = p
-        num_tokens[i] = n
-        grid[i] = g
+    for i, v in enumerate(views):
+        try:
+            write_view(patches, pos_ids, num_tokens, grid, i, v, patch_size=patch_size, levels=levels,
+                       positions_per_side=positions_per_side)
+        except ValueError as e:
+            raise ValueError(f"view {i}: {e}") from None
     return VisionBatch(patches=patches, pos_ids=pos_ids, num_tokens=num_tokens, grid=grid, mode=mode,
                        merger_times=merger_times)

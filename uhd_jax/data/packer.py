@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from uhd_jax.data.batch import ModelBatch
-from uhd_jax.data.layout import VisionBatch, block_order, merge_levels, nearest_position_ids, patchify
+from uhd_jax.data.layout import VisionBatch, merge_levels, write_view
 from uhd_jax.data.processor import Processor, Sample, check_placeholders
 
 OVERFLOW_POLICIES = ("error", "fewer_slices")
@@ -54,15 +54,6 @@ def _dtype(name) -> np.dtype:
 
 def _zeros(specs) -> dict:
     return {name: np.zeros(shape, dtype) for name, shape, dtype in specs}
-
-
-@functools.lru_cache(maxsize=256)
-def _order_and_positions(h: int, w: int, levels: int, side: int):
-    perm = block_order(h, w, levels)
-    pos = nearest_position_ids(h, w, side)[perm]
-    perm.setflags(write=False)
-    pos.setflags(write=False)
-    return perm, pos
 
 
 class SampleDoesNotFit(ValueError):
@@ -197,25 +188,13 @@ class Packer:
         return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
 
     def _put_view(self, arr, slot: int, view: np.ndarray, name: str):
-        """Writes one view into slot `slot`: what layout.pack_views does for it (block order, positions), without
-        building a second copy of the batch."""
-        p = self.patch_size
-        c, hh, ww = view.shape
-        h, w = hh // p, ww // p
+        """Writes one view into slot `slot` in place (no second copy of the batch)."""
         try:
-            perm, pos = _order_and_positions(h, w, self.levels, self.config.positions_per_side)
-            flat = patchify(view, p)
+            write_view(arr["vision.patches"], arr["vision.pos_ids"], arr["vision.num_tokens"], arr["vision.grid"],
+                       slot, view, patch_size=self.patch_size, levels=self.levels,
+                       positions_per_side=self.config.positions_per_side)
         except ValueError as e:
             raise ValueError(f"{name}: view in slot {slot}: {e}") from None
-        n = h * w
-        out = arr["vision.patches"][slot, :n]
-        if out.dtype == flat.dtype:
-            np.take(flat, perm, axis=0, out=out)
-        else:
-            out[...] = flat[perm]
-        arr["vision.pos_ids"][slot, :n] = pos
-        arr["vision.num_tokens"][slot] = n
-        arr["vision.grid"][slot] = (h, w)
 
     def _shrink_together(self, samples: list[Sample]) -> list[Sample]:
         samples = list(samples)
