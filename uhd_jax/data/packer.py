@@ -28,7 +28,6 @@ worker processes that pack straight into /dev/shm; bad records are skipped and r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Callable, Iterable, Iterator, Sequence
 
