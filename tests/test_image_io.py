@@ -1,14 +1,13 @@
 """Robust image loading: every bad-input case, mode conversions vs transformers, EXIF, animation, bad records."""
 
 import functools
-import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.data_utils import jpeg_bytes, random_image
-from uhd_jax.data.image_io import ImageLoadError, LoadOptions, RecordStats, load_image, robust_map, to_rgb
+from uhd_jax.data.image_io import ImageLoadError, RecordStats, load_image, robust_map
 
 
 def _ref_convert(img):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
 
 SUPPORTED_VISION_ACTS = ("gelu_pytorch_tanh",)
 SUPPORTED_TEXT_ACTS = ("silu",)
