@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     c.add_argument("--overwrite", action="store_true")
 
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("uhd_jax")  # ours only: Orbax and absl stay quiet
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
     t0 = time.perf_counter()
     try:
         if args.cmd == "hf-to-jax":

@@ -61,7 +61,8 @@ def write_hf_weights(out_dir: str, cfg: ModelConfig, flat: dict, *, dtype=None, 
             del flat[e.path]  # last tensor of this parameter: free it
         return out
 
-    return write_safetensors(out_dir, specs, tensor, max_shard_bytes=max_shard_bytes)
+    with mapping.plain_pages():
+        return write_safetensors(out_dir, specs, tensor, max_shard_bytes=max_shard_bytes)
 
 
 def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *, hf_config: dict | None = None,
