@@ -147,6 +147,16 @@ def test_full_siglip_and_untied_qwen3(tmp_path):
     head = loaded.params["text"]["lm_head"]["kernel"]
     assert np.array_equal(head, llm_model.lm_head.weight.detach().numpy().T)
 
+    # exported, transformers runs it as MiniCPM-V 4.6 over a Qwen3: text-only logits are the LLM's own
+    from transformers import MiniCPMV4_6ForConditionalGeneration
+
+    from_separate(vit, llm, str(tmp_path / "ckpt"), insert_layer_id=2)
+    jax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, llm_model(input_ids=ids).logits)
+
 
 def test_siglip2_naflex(tmp_path):
     """naflex SigLIP2: Linear patch embedding over (row, column, channel) patches and a 4x4 position grid."""

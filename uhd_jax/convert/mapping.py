@@ -34,7 +34,7 @@ from uhd_jax.config import ModelConfig
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 
-# ---------------------------------------------------------------------------------------------- transforms
+# -------------------------------------------------------------------------------------------- fast copies
 
 @contextlib.contextmanager
 def plain_pages():
@@ -69,6 +69,8 @@ def transpose_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
             dst[j:j + TILE, i:i + TILE] = src[i:i + TILE, j:j + TILE].T
     return dst
 
+
+# ---------------------------------------------------------------------------------------------- transforms
 
 class Identity:
     name = "identity"
