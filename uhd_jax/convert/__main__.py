@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     c.add_argument("--image-token-id", type=int, default=None)
     c.add_argument("--seed", type=int, default=0, help="for the freshly initialised post-ViT merger")
     c.add_argument("--dtype", default="keep")
+    c.add_argument("--skip-unused", action="store_true", help="drop unexpected leftover tensors instead of failing")
     c.add_argument("--overwrite", action="store_true")
 
     args = p.parse_args(argv)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
                                    merger_init_layer=args.merger_init_layer, downsample_mode=args.downsample_mode,
                                    merger_times=args.merger_times, positions_per_side=args.positions_per_side,
                                    image_token_id=args.image_token_id, seed=args.seed, dtype=args.dtype,
-                                   overwrite=args.overwrite)
+                                   skip_unused=args.skip_unused, overwrite=args.overwrite)
             print("\n".join(report.lines()))
             print(f"wrote {args.out}")
     except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
