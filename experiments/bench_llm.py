@@ -19,6 +19,7 @@ the design notes: 206 ms prefill 2048, 2.64 s train step).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -101,7 +102,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--variants", action="store_true", help="also time other DeltaNet chunk sizes / state scans")
+    ap.add_argument("--variants", action="store_true",
+                    help="time every DeltaNet ChunkOptions alone, then the model with the fastest one")
     ap.add_argument("--tiny", action="store_true", help="tiny config and lengths: a CPU smoke test of this script")
     args = ap.parse_args()
     global PREFILL_LEN, TRAIN_LEN
@@ -111,6 +113,7 @@ def main():
         print("TORCH_RESULT " + json.dumps(torch_reference(args.quick)))
         return
 
+    t_start = time.perf_counter()
     ref = None if args.no_torch else run_torch_subprocess(args.quick)
 
     import jax
@@ -119,6 +122,7 @@ def main():
     from flax.core import meta
 
     from uhd_jax.config import reference_config, tiny_config
+    from uhd_jax.model.gated_deltanet import ChunkOptions, chunk_gated_delta_rule
     from uhd_jax.model.text_flops import text_forward_flops
     from uhd_jax.model.text_model import TextModel, init_cache, layer_period
 
@@ -168,9 +172,49 @@ def main():
         return jax.jit(lambda k: meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
             jax.random.PRNGKey(0))
 
-    variants = [("associative", 64)]
+    # ---- DeltaNet core alone: every implementation choice (same function), to pick the fastest per shape ----
+    def label(o: ChunkOptions) -> str:
+        return f"chunk {o.chunk_size}, {o.state_pass}, {o.solver}"
+
+    def core_bench(o: ChunkOptions, bsz: int, seq: int, backward: bool) -> float:
+        h, dk = cfg.linear_num_value_heads, cfg.linear_key_head_dim
+        key = jax.random.split(jax.random.PRNGKey(1), 5)
+        q, k, v = (jax.random.normal(key[i], (bsz, seq, h, dk), jnp.bfloat16) for i in range(3))
+        g = -jnp.exp(jax.random.normal(key[3], (bsz, seq, h))) * 0.3
+        beta = jax.nn.sigmoid(jax.random.normal(key[4], (bsz, seq, h))).astype(jnp.bfloat16)
+        core = lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta, **dataclasses.asdict(o))[0]
+        fn = core
+        if backward:
+            fn = jax.grad(lambda *a: jnp.sum(core(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2, 3, 4))
+        compiled = jax.jit(fn).lower(q, k, v, g, beta).compile()
+        for _ in range(3):
+            jax.block_until_ready(compiled(q, k, v, g, beta))
+        ts = []
+        for _ in range(20):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(q, k, v, g, beta))
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e3
+
+    default = ChunkOptions()
+    options = [default]
     if args.variants:
-        variants += [("sequential", 64), ("associative", 128)]
+        options = [ChunkOptions(c, sp, so) for c in (64, 128) for sp in ("transition", "direct")
+                   for so in ("blocked", "triangular_solve")]
+    core_ms = {"prefill": {}, "train": {}}
+    for o in options:
+        for case, (bsz, seq, bwd) in {"prefill": (1, PREFILL_LEN, False),
+                                     "train": (TRAIN_BATCH, TRAIN_LEN, True)}.items():
+            try:
+                core_ms[case][o] = core_bench(o, bsz, seq, bwd)
+            except Exception as e:  # an implementation choice that fails to compile here: report, skip
+                print(f"[core {label(o)} {case} failed: {type(e).__name__}: {str(e)[:300]}]")
+                core_ms[case][o] = float("inf")
+        print(f"deltanet core ({label(o)}): prefill 1x{PREFILL_LEN} fwd {core_ms['prefill'][o]:7.3f} ms, "
+              f"train {TRAIN_BATCH}x{TRAIN_LEN} fwd+bwd {core_ms['train'][o]:7.3f} ms", flush=True)
+    results["deltanet_core_ms"] = {case: {label(o): t for o, t in d.items()} for case, d in core_ms.items()}
+    best = {case: min(d, key=d.get) for case, d in core_ms.items()}
+    print(f"fastest: prefill {label(best['prefill'])}; train {label(best['train'])}")
 
     # ---- prefill (bf16 params) ----
     rng = np.random.default_rng(0)
@@ -178,8 +222,8 @@ def main():
     mask = jnp.ones((1, PREFILL_LEN), bool)
     max_len = PREFILL_LEN + 128
     params_bf16 = None
-    for scan, chunk in variants:
-        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, chunk_size=chunk, state_scan=scan)
+    for o in dict.fromkeys([best["prefill"], default]):
+        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, chunk=o)
         if params_bf16 is None:
             params_bf16 = init_params(model)
 
@@ -188,16 +232,15 @@ def main():
             logits, out = model.apply({"params": p}, ids, attention_mask=mask, cache=cache, last_logits_only=True)
             return logits, out["cache"]
 
-        f = text_forward_flops(cfg, 1, PREFILL_LEN, logits_tokens=1, chunk_size=chunk, state_scan=scan)
-        compiled_prefill, _ = compile_and_time(f"prefill {PREFILL_LEN} ({scan}, chunk {chunk})", prefill,
+        f = text_forward_flops(cfg, 1, PREFILL_LEN, logits_tokens=1, chunk=o)
+        compiled_prefill, _ = compile_and_time(f"prefill {PREFILL_LEN} ({label(o)})", prefill,
                                                (params_bf16, ids, mask), reps, f["total"], xla_visible(f))
-        if (scan, chunk) == variants[0]:
+        if o == best["prefill"]:
             results["prefill_flops_breakdown"] = f
-            full = text_forward_flops(cfg, 1, PREFILL_LEN, chunk_size=chunk, state_scan=scan)
+            full = text_forward_flops(cfg, 1, PREFILL_LEN, chunk=o)
             fwd = lambda p, ids, model=model: model.apply({"params": p}, ids)[0]
             compile_and_time(f"forward {PREFILL_LEN}, all logits", fwd, (params_bf16, ids), reps, full["total"],
                              xla_visible(full))
-
             # ---- decode (batch 1, after the prefill) ----
             try:
                 _, cache = compiled_prefill(params_bf16, ids, mask)
@@ -231,8 +274,11 @@ def main():
     labels = jnp.asarray(rng.integers(0, cfg.vocab_size, (TRAIN_BATCH, TRAIN_LEN)), jnp.int32)
     tmask = jnp.ones((TRAIN_BATCH, TRAIN_LEN), bool)
     params = None
-    for scan, chunk in variants:
-        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, chunk_size=chunk, state_scan=scan)
+    for o in dict.fromkeys([best["train"], default]):
+        if time.perf_counter() - t_start > 330 and o != best["train"]:
+            print(f"[skipping train with {label(o)}: time]")
+            continue
+        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, chunk=o)
         if params is None:
             params = init_params(model)
 
@@ -243,11 +289,11 @@ def main():
             target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
             return jnp.sum((lse - target) * mask) / jnp.sum(mask)
 
-        f = text_forward_flops(cfg, TRAIN_BATCH, TRAIN_LEN, chunk_size=chunk, state_scan=scan)
-        _, r = compile_and_time(f"train fwd+bwd {TRAIN_BATCH}x{TRAIN_LEN} ({scan}, chunk {chunk})",
+        f = text_forward_flops(cfg, TRAIN_BATCH, TRAIN_LEN, chunk=o)
+        _, r = compile_and_time(f"train {TRAIN_BATCH}x{TRAIN_LEN} ({label(o)})",
                                 jax.value_and_grad(loss_fn), (params, emb, labels, tmask), max(5, reps // 3),
                                 3 * f["total"], xla_visible(f, 3))
-        if (scan, chunk) == variants[0]:
+        if o == best["train"]:
             results["train_flops_breakdown"] = f
     results["peak_gib"] = peak_gib()
 

@@ -8,7 +8,7 @@ import torch
 
 from tests.text_ref_utils import rel_err
 from uhd_jax.config import tiny_config
-from uhd_jax.model.gated_deltanet import (GatedDeltaNet, chunk_gated_delta_rule, init_deltanet_cache,
+from uhd_jax.model.gated_deltanet import (ChunkOptions, GatedDeltaNet, chunk_gated_delta_rule, init_deltanet_cache,
                                           recurrent_gated_delta_rule, unit_lower_inverse)
 
 jax.config.update("jax_enable_x64", False)
@@ -32,13 +32,16 @@ def test_unit_lower_inverse():
         assert rel_err(unit_lower_inverse(jnp.asarray(a)), want) < 1e-5, n
 
 
-@pytest.mark.parametrize("s,chunk", [(1, 16), (37, 16), (64, 64), (100, 64)])
-@pytest.mark.parametrize("state_scan", ["associative", "sequential"])
-def test_chunked_equals_recurrent(s, chunk, state_scan):
+@pytest.mark.parametrize("s,chunk,state_pass,solver", [
+    (1, 16, "transition", "blocked"), (37, 16, "transition", "blocked"), (64, 64, "transition", "blocked"),
+    (100, 64, "direct", "blocked"), (37, 16, "direct", "triangular_solve"), (100, 32, "transition", "triangular_solve"),
+    (300, 8, "transition", "blocked"), (300, 4, "direct", "blocked")])
+def test_chunked_equals_recurrent(s, chunk, state_pass, solver):
+    """All implementation choices; 300 / 4 = 75 chunks takes the lax.scan path."""
     q, k, v, g, beta, s0 = _inputs(s, s=s)
     out_r, st_r = jax.jit(recurrent_gated_delta_rule)(q, k, v, g, beta, initial_state=s0)
-    out_c, st_c = jax.jit(chunk_gated_delta_rule, static_argnames=("chunk_size", "state_scan"))(
-        q, k, v, g, beta, initial_state=s0, chunk_size=chunk, state_scan=state_scan)
+    out_c, st_c = jax.jit(chunk_gated_delta_rule, static_argnames=("chunk_size", "state_pass", "solver"))(
+        q, k, v, g, beta, initial_state=s0, chunk_size=chunk, state_pass=state_pass, solver=solver)
     assert out_c.shape == out_r.shape == (2, s, 4, 8)
     assert st_c.dtype == jnp.float32
     assert rel_err(out_c, out_r) < 1e-5
@@ -65,7 +68,7 @@ def test_matches_torch_reference(with_state):
 
 def _module(chunk_size=16, decode=False, dtype=jnp.float32):
     cfg = tiny_config().text
-    return cfg, GatedDeltaNet(cfg, dtype=dtype, chunk_size=chunk_size, decode=decode)
+    return cfg, GatedDeltaNet(cfg, dtype=dtype, chunk=ChunkOptions(chunk_size), decode=decode)
 
 
 def test_module_padding_and_decode_states():
@@ -100,3 +103,16 @@ def test_bf16_keeps_float32_state():
     y, cache = m.apply(params, x, None, init_deltanet_cache(cfg, 1, jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and cache["state"].dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize("state_pass,solver", [("transition", "blocked"), ("direct", "triangular_solve")])
+def test_bf16_operands_close_to_float32(state_pass, solver):
+    """bf16 matmul operands (float32 accumulation and state) stay at bf16 rounding level over many chunks."""
+    q, k, v, g, beta, _ = _inputs(11, b=1, s=200, hk=2, hv=2, dk=64, dv=64, with_state=False)
+    want, want_state = recurrent_gated_delta_rule(q, k, v, g, beta)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    out, state = chunk_gated_delta_rule(bf(q), bf(k), bf(v), g, bf(beta), chunk_size=32, state_pass=state_pass,
+                                        solver=solver)
+    assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert rel_err(out.astype(jnp.float32), want) < 2e-2
+    assert rel_err(state, want_state) < 2e-2

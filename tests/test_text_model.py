@@ -13,6 +13,7 @@ from flax.core import meta
 from tests.text_ref_utils import reference_llm, rel_err, text_params_from_torch
 from uhd_jax.compile_counter import count_compilations
 from uhd_jax.config import tiny_config
+from uhd_jax.model.gated_deltanet import ChunkOptions
 from uhd_jax.model.text_model import TextModel, init_cache, layer_period
 from uhd_jax.parallel.axes import LOGICAL_AXIS_RULES
 
@@ -31,7 +32,7 @@ def _setup(model_type, chunk_size=16, **kw):
     cfg = _config(model_type, **dict(kw))
     ref = reference_llm(cfg)
     params = text_params_from_torch(ref.state_dict(), cfg)
-    model = TextModel(cfg, chunk_size=chunk_size)
+    model = TextModel(cfg, chunk=ChunkOptions(chunk_size))
     return cfg, ref, params, model
 
 
@@ -167,7 +168,7 @@ def test_gradients_match_reference_and_remat():
     tgrads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
     want = text_params_from_torch(tgrads, cfg)
     for policy in ("none", "full"):
-        model = TextModel(cfg, chunk_size=16, remat_policy=policy)
+        model = TextModel(cfg, chunk=ChunkOptions(16), remat_policy=policy)
         loss = lambda p: jnp.sum(model.apply({"params": p}, jnp.asarray(ids))[0] * w)
         got = jax.jit(jax.grad(loss))(params)
         errs = jax.tree.map(rel_err, got, want)

@@ -5,8 +5,8 @@ Per value head, a state S [Dk, Dv] (float32) is updated token by token:
 with q, k L2-normalised (q also scaled by Dk^-1/2), g_t = -exp(A_log) softplus(a_t + dt_bias) <= 0, and
 beta_t = sigmoid(b_t). Two equal forms:
   - `chunk_gated_delta_rule`: chunks of C tokens; inside a chunk a triangular (UT) system gives all the
-    updates with matmuls; across chunks the state recurrence S_{i+1} = M_i S_i + B_i is affine, so it
-    runs as an associative scan (log depth) or a sequential scan. For training and prefill.
+    updates with matmuls, batched over chunks; a short sequential pass carries the state across chunks.
+    For training and prefill.
   - `gated_delta_step`: one token, for decoding.
 Tokens where the mask is False (padding at the end of a row) are identity steps (g = 0, beta = 0), so the
 final state after a padded prefill is the state after each row's last real token.
@@ -14,6 +14,8 @@ final state after a padded prefill is the state after each row's last real token
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,78 +63,104 @@ def unit_lower_inverse(a):
     return jnp.concatenate([upper, lower], axis=-2)
 
 
+STATE_PASSES = ("transition", "direct")
+SOLVERS = ("blocked", "triangular_solve")
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64, initial_state=None,
-                           state_scan: str = "associative"):
+                           state_pass: str = "transition", solver: str = "blocked"):
     """Chunked (parallel) gated delta rule.
 
     q, k: [B, S, Hk, Dk]; v: [B, S, Hv, Dv]; g, beta: [B, S, Hv] (g = log decay <= 0).
     initial_state: [B, Hv, Dk, Dv] or None (zeros).
-    state_scan: "associative" (log-depth scan over chunks) or "sequential" (lax.scan over chunks).
     Returns (out [B, S, Hv, Dv] in v's dtype, final_state [B, Hv, Dk, Dv] float32).
+
+    Per chunk of C tokens (UT transform): u = T beta v, w = T beta e^cum k with T = (I + A)^-1; the state
+    entering chunk i+1 is S' = e^cum_last S + k_tail^T (u - w S). Everything but the pass of S across chunks
+    is batched over chunks, in layout [N, B, H, C, D] (each chunk contiguous).
+      state_pass "transition": S' = M S + B with M = e^cum_last I - k_tail^T w (one matmul per chunk);
+                 "direct": v_new = u - w S, then S' (two matmuls per chunk).
+      solver "blocked": T by recursive 2x2 blocking (matmuls only); "triangular_solve": solve for u and w.
+    Matmul operands are in v's dtype (bf16 in training, as the FLA kernels do) with float32 accumulation;
+    decays, T and the recurrent state are float32. All choices compute the same function.
     """
-    out_dtype = v.dtype
-    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    if state_pass not in STATE_PASSES or solver not in SOLVERS:
+        raise ValueError(f"state_pass must be one of {STATE_PASSES} and solver one of {SOLVERS}")
+    f32, cdt = jnp.float32, v.dtype
+    hk, hv = k.shape[2], v.shape[2]
+    if hv != hk:  # each k head serves hv // hk consecutive v heads
+        q = jnp.repeat(q, hv // hk, axis=2)
+        k = jnp.repeat(k, hv // hk, axis=2)
     b, s, h, dk = k.shape
     dv = v.shape[-1]
     c = chunk_size
     pad = (-s) % c
-    if pad:  # padded steps are identities: g = 0, beta = 0
-        pz = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        q, k, v, g, beta = map(pz, (q, k, v, g, beta))
     n = (s + pad) // c
 
-    def chunks(x):  # [B, S, H, ...] -> [B, H, N, C, ...]
+    def chunks(x):  # [B, S, H, ...] -> [N, B, H, C, ...]; padded steps are identities (g = 0, beta = 0)
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         x = x.reshape((b, n, c) + x.shape[2:])
-        return jnp.moveaxis(x, 3, 1)
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
-    q, k, v, g, beta = map(chunks, (q, k, v, g, beta))
-    cum = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+    q = chunks((l2_normalize(q.astype(f32)) * dk ** -0.5).astype(cdt))
+    k = chunks(l2_normalize(k.astype(f32)).astype(cdt))
+    v = chunks(v)
+    g, beta = chunks(g.astype(f32)), chunks(beta.astype(f32))  # [N, B, H, C]
+    dot = functools.partial(jnp.einsum, preferred_element_type=f32)
+
+    cum = jnp.cumsum(g, axis=-1)
     causal = jnp.tril(jnp.ones((c, c), bool))
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
-    diff = cum[..., :, None] - cum[..., None, :]
-    decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))  # exp(cum_i - cum_j) for j <= i, else 0
+    decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # e^(cum_i - cum_j), j <= i
 
-    kb = k * beta[..., None]
-    vb = v * beta[..., None]
-    a = jnp.where(strict, jnp.einsum("bhncd,bhnsd->bhncs", kb, k) * decay, 0.0)
-    t_inv = unit_lower_inverse(a)
-    u = t_inv @ vb  # [B, H, N, C, Dv]
-    w = t_inv @ (kb * jnp.exp(cum)[..., None])  # [B, H, N, C, Dk]
-    attn = jnp.einsum("bhncd,bhnsd->bhncs", q, k) * decay
-
-    k_tail = k * jnp.exp(cum[..., -1:] - cum)[..., None]
-    chunk_decay = jnp.exp(cum[..., -1])  # [B, H, N]
-    # S_{i+1} = M_i S_i + B_i  with  M_i = d_i I - k_tail^T w,  B_i = k_tail^T u
-    trans = chunk_decay[..., None, None] * jnp.eye(dk, dtype=jnp.float32) \
-        - jnp.einsum("bhncd,bhnce->bhnde", k_tail, w)
-    bias = jnp.einsum("bhncd,bhnce->bhnde", k_tail, u)
-    s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-
-    if state_scan == "associative":
-        bias = bias.at[:, :, 0].add(trans[:, :, 0] @ s0)
-
-        def compose(first, then):
-            m1, b1 = first
-            m2, b2 = then
-            return m2 @ m1, m2 @ b1 + b2
-
-        _, after = jax.lax.associative_scan(compose, (trans, bias), axis=2)  # state after each chunk
-    elif state_scan == "sequential":
-        def step(state, mb):
-            m, bb = mb
-            state = m @ state + bb
-            return state, state
-
-        _, after = jax.lax.scan(step, s0, (jnp.moveaxis(trans, 2, 0), jnp.moveaxis(bias, 2, 0)))
-        after = jnp.moveaxis(after, 0, 2)
+    # A_ij = beta_i k_i.k_j e^(cum_i - cum_j) for i > j
+    a = jnp.where(strict, dot("...cd,...sd->...cs", k, k) * decay * beta[..., :, None], 0.0)
+    if solver == "blocked":
+        t = unit_lower_inverse(a)
+        u = dot("...cs,...sd->...cd", (t * beta[..., None, :]).astype(cdt), v).astype(cdt)
+        w = dot("...cs,...sd->...cd", (t * (beta * jnp.exp(cum))[..., None, :]).astype(cdt), k).astype(cdt)
     else:
-        raise ValueError(f"state_scan must be 'associative' or 'sequential', got {state_scan!r}")
-    before = jnp.concatenate([s0[:, :, None], after[:, :, :-1]], axis=2)  # state entering each chunk
+        rhs = jnp.concatenate([v.astype(f32) * beta[..., None], k.astype(f32) * (beta * jnp.exp(cum))[..., None]], -1)
+        uw = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+        u, w = uw[..., :dv].astype(cdt), uw[..., dv:].astype(cdt)
+    k_tail = (k * jnp.exp(cum[..., -1:] - cum)[..., None]).astype(cdt)
+    chunk_decay = jnp.exp(cum[..., -1])[..., None, None]  # [N, B, H, 1, 1]
+    s0 = jnp.zeros((b, h, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
 
-    v_new = u - w @ before
-    out = (q * jnp.exp(cum)[..., None]) @ before + attn @ v_new  # [B, H, N, C, Dv]
-    out = jnp.moveaxis(out, 1, 3).reshape(b, n * c, h, dv)[:, :s]
-    return out.astype(out_dtype), after[:, :, -1]
+    if state_pass == "transition":
+        trans = chunk_decay * jnp.eye(dk, dtype=f32) - dot("...cd,...ce->...de", k_tail, w)
+        xs = (trans, dot("...cd,...ce->...de", k_tail, u))
+
+        def step(state, x):
+            return x[0] @ state + x[1], state
+    else:
+        xs = (w, u, k_tail, chunk_decay)
+
+        def step(state, x):
+            w_i, u_i, kt_i, d_i = x
+            v_new = (u_i - dot("bhcd,bhde->bhce", w_i, state.astype(cdt))).astype(cdt)
+            return state * d_i + dot("bhcd,bhce->bhde", kt_i, v_new), (state, v_new)
+
+    if n <= 64:  # straight-line code: no while-loop overhead on GPU; outputs stacked once
+        state, outs = s0, []
+        for i in range(n):
+            state, o = step(state, tuple(x[i] for x in xs))
+            outs.append(o)
+        final, ys = state, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    else:
+        final, ys = jax.lax.scan(step, s0, xs, unroll=8)
+    if state_pass == "transition":
+        before = ys
+        v_new = (u - dot("...cd,...de->...ce", w, before.astype(cdt))).astype(cdt)
+    else:
+        before, v_new = ys
+
+    attn = (dot("...cd,...sd->...cs", q, k) * decay).astype(cdt)
+    out = dot("...cd,...de->...ce", (q * jnp.exp(cum)[..., None]).astype(cdt), before.astype(cdt)) \
+        + dot("...cs,...se->...ce", attn, v_new)
+    out = jnp.moveaxis(jnp.moveaxis(out, 2, 3), 0, 1).reshape(b, n * c, h, dv)[:, :s]
+    return out.astype(cdt), final
 
 
 def gated_delta_step(state, q, k, v, g, beta):
@@ -185,6 +213,15 @@ def init_deltanet_cache(config, batch: int, dtype=jnp.float32) -> dict:
                                 config.linear_value_head_dim), jnp.float32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkOptions:
+    """How `chunk_gated_delta_rule` runs (every choice computes the same function)."""
+
+    chunk_size: int = 64
+    state_pass: str = "transition"
+    solver: str = "blocked"
+
+
 class GatedDeltaNet(nn.Module):
     """x [B, S, D] -> [B, S, D]. `decode=True`: S == 1 and `cache` holds the conv and recurrent states.
 
@@ -194,8 +231,7 @@ class GatedDeltaNet(nn.Module):
     config: Any  # TextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    chunk_size: int = 64
-    state_scan: str = "associative"
+    chunk: ChunkOptions = ChunkOptions()
     decode: bool = False
 
     @nn.compact
@@ -254,8 +290,7 @@ class GatedDeltaNet(nn.Module):
             state, o = gated_delta_step(cache["state"], qp[:, 0], kp[:, 0], vp[:, 0], gp[:, 0], bp[:, 0])
             core = o[:, None].astype(self.dtype)
         else:
-            core, state = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=self.chunk_size,
-                                                 state_scan=self.state_scan)
+            core, state = chunk_gated_delta_rule(q, k, v, g, beta, **dataclasses.asdict(self.chunk))
         core = GatedRMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
             core, z.reshape(bsz, s, hv, dv))
         y = Dense(d, ("heads", "embed"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -10,13 +10,7 @@ from __future__ import annotations
 import math
 
 from uhd_jax.config import TextConfig
-
-
-def _associative_combines(n: int) -> int:
-    """Element combines that `jax.lax.associative_scan` performs on n elements."""
-    if n < 2:
-        return 0
-    return n // 2 + _associative_combines(n // 2) + (n // 2 - 1 if n % 2 == 0 else n // 2)
+from uhd_jax.model.gated_deltanet import ChunkOptions
 
 
 def _unit_lower_inverse_flops(c: int) -> int:
@@ -28,24 +22,25 @@ def _unit_lower_inverse_flops(c: int) -> int:
     return flops
 
 
-def deltanet_core_flops(seq: int, cfg: TextConfig, chunk_size: int = 64, state_scan: str = "associative") -> int:
-    """One sequence, all value heads: intra-chunk UT transform + the state recurrence across chunks."""
-    c, dk, dv = chunk_size, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+def deltanet_core_flops(seq: int, cfg: TextConfig, chunk: ChunkOptions = ChunkOptions()) -> int:
+    """One sequence, all value heads, as `chunk_gated_delta_rule` computes it (padded to whole chunks)."""
+    c, dk, dv = chunk.chunk_size, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     n = math.ceil(seq / c)
-    per_chunk = (2 * c * c * dk * 2  # k_beta k^T and q k^T
-                 + _unit_lower_inverse_flops(c)  # (I + A)^-1
-                 + 2 * c * c * (dv + dk)  # u = T v_beta, w = T k_beta
-                 + 2 * c * dk * (dk + dv)  # transition M and bias B
-                 + 2 * c * dk * dv * 2 + 2 * c * c * dv)  # outputs: w S, q S, attn v_new
-    if state_scan == "associative":  # compositions (M2 M1, M2 B1)
-        scan = _associative_combines(n) * 2 * dk * dk * (dk + dv)
-    else:  # n steps of M S
-        scan = n * 2 * dk * dk * dv
-    return cfg.linear_num_value_heads * (n * per_chunk + scan)
+    per_chunk = 2 * c * c * dk * 2  # k k^T and q k^T
+    if chunk.solver == "blocked":  # T = (I + A)^-1, then u = T (beta v), w = T (beta e^g k)
+        per_chunk += _unit_lower_inverse_flops(c) + 2 * c * c * (dv + dk)
+    else:  # triangular solves for u and w
+        per_chunk += c * c * (dv + dk)
+    if chunk.state_pass == "transition":  # M, B; M S per chunk; v_new = u - w S batched
+        per_chunk += 2 * c * dk * (dk + dv) + 2 * dk * dk * dv + 2 * c * dk * dv
+    else:  # w S and k_tail^T v_new per chunk
+        per_chunk += 2 * c * dk * dv * 2
+    per_chunk += 2 * c * dk * dv + 2 * c * c * dv  # output: q S and attn v_new
+    return cfg.linear_num_value_heads * n * per_chunk
 
 
 def text_forward_flops(cfg: TextConfig, batch: int, seq: int, logits_tokens: int | None = None,
-                       chunk_size: int = 64, state_scan: str = "associative") -> dict[str, int]:
+                       chunk: ChunkOptions = ChunkOptions()) -> dict[str, int]:
     """Forward FLOPs for `batch` rows of `seq` tokens (causal attention counted as half the square);
     `logits_tokens`: how many positions go through lm_head (default: all)."""
     d, i = cfg.hidden_size, cfg.intermediate_size
@@ -60,7 +55,7 @@ def text_forward_flops(cfg: TextConfig, batch: int, seq: int, logits_tokens: int
         out["mlp"] += 2 * tokens * 3 * d * i
         if t == "linear_attention":
             out["linear_proj"] += 2 * tokens * (d * (2 * kdim + 2 * vdim + 2 * cfg.linear_num_value_heads) + vdim * d)
-            out["deltanet_core"] += batch * deltanet_core_flops(seq, cfg, chunk_size, state_scan)
+            out["deltanet_core"] += batch * deltanet_core_flops(seq, cfg, chunk)
         else:
             out["attn_proj"] += 2 * tokens * (d * (qdim + 2 * kvdim) + cfg.num_attention_heads * cfg.head_dim * d)
             out["attn_scores"] += batch * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * seq * (seq + 1) // 2

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
-from uhd_jax.model.gated_deltanet import GatedDeltaNet, init_deltanet_cache
+from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
 from uhd_jax.model.layers import Dense
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
 from uhd_jax.parallel.axes import with_axes
@@ -106,8 +106,7 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    chunk_size: int = 64
-    state_scan: str = "associative"
+    chunk: ChunkOptions = ChunkOptions()
     decode: bool = False
 
     @nn.compact
@@ -117,8 +116,8 @@ class DecoderLayer(nn.Module):
                                     param_dtype=self.param_dtype, name=name)
         h = norm("input_layernorm")(x)
         if self.layer_type == "linear_attention":
-            h, cache = GatedDeltaNet(cfg, self.dtype, self.param_dtype, chunk_size=self.chunk_size,
-                                     state_scan=self.state_scan, decode=self.decode, name="linear_attn")(
+            h, cache = GatedDeltaNet(cfg, self.dtype, self.param_dtype, chunk=self.chunk,
+                                     decode=self.decode, name="linear_attn")(
                 h, ctx["mask"], cache)
         else:
             h, cache = FullAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.decode,
@@ -137,8 +136,7 @@ class DecoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    chunk_size: int = 64
-    state_scan: str = "associative"
+    chunk: ChunkOptions = ChunkOptions()
     decode: bool = False
 
     @nn.compact
@@ -146,8 +144,8 @@ class DecoderBlock(nn.Module):
         hidden, new_cache = [], {}
         for i, t in enumerate(self.layer_types):
             name = f"layer_{i}"
-            x, c = DecoderLayer(self.config, t, self.dtype, self.param_dtype, self.attention_impl, self.chunk_size,
-                                self.state_scan, self.decode, name=name)(
+            x, c = DecoderLayer(self.config, t, self.dtype, self.param_dtype, self.attention_impl, self.chunk,
+                                self.decode, name=name)(
                 x, ctx, None if cache is None else cache[name])
             new_cache[name] = c
             hidden.append(x)
@@ -179,8 +177,7 @@ class TextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str = "auto"
-    chunk_size: int = 64  # DeltaNet chunk; any size gives the same function
-    state_scan: str = "associative"
+    chunk: ChunkOptions = ChunkOptions()  # how the DeltaNet chunked form runs; same function whatever it is
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
@@ -225,7 +222,7 @@ class TextModel(nn.Module):
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
                         length=cfg.num_hidden_layers // period, metadata_params={nn.PARTITION_NAME: "layers"})
         h, (new_layers, hidden) = stack(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype,
-                                        self.attention_impl, self.chunk_size, self.state_scan, decode,
+                                        self.attention_impl, self.chunk, decode,
                                         name="layers")(x, None if cache is None else cache["layers"], ctx)
 
         out = {"embeds": x}
