@@ -8,7 +8,7 @@ so only one shard is ever in memory. Each conversion runs in its own process und
 (else `resource.getrusage`) for wall time and peak RSS; the round trip is then checked bit for bit, and all
 generated files are deleted.
 
-    python experiments/bench_convert.py [--dir /tmp/bench_convert] [--shard-gb 1] [--keep]
+    python experiments/bench_convert.py [--dir /tmp/bench_convert] [--shard-gb 1] [--repeat 3] [--keep]
 Targets: peak RSS <= 1.5x the checkpoint size, >= 200 MB/s.
 """
 
@@ -122,6 +122,7 @@ def main():
     ap.add_argument("--dir", default="/tmp/bench_convert")
     ap.add_argument("--shard-gb", type=float, default=1.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per step; the median wall time is reported")
     args = ap.parse_args()
     root = os.path.abspath(args.dir)
     if os.path.exists(root):
@@ -142,17 +143,25 @@ def main():
         ]
         rows = []
         for name, cmd in runs:
-            os.sync()  # each step starts with no dirty pages of the previous one still being flushed
-            r = measured(cmd)
+            walls, rss = [], []
+            for i in range(args.repeat):
+                if i and "--out" in cmd:
+                    shutil.rmtree(cmd[cmd.index("--out") + 1])
+                os.sync()  # each run starts with no dirty pages of the previous one still being flushed
+                r = measured(cmd)
+                walls.append(r["wall_s"])
+                rss.append(r["peak_rss"])
+            r = {"wall_s": float(np.median(walls)), "walls": walls, "peak_rss": max(rss), "how": r["how"]}
             rows.append((name, r))
-            print(f"{name}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB", flush=True)
+            print(f"{name}: {', '.join(f'{w:.1f}' for w in walls)} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB",
+                  flush=True)
         checked = same_tensors(hf, back)
         baseline = measured([py, "-c", "import uhd_jax.convert.hf_to_jax, orbax.checkpoint"])
         print(f"\nround trip bit-exact: {checked} tensors; Orbax dir {dir_bytes(ckpt) / 1e9:.3f} GB; "
               f"interpreter + imports alone: {baseline['peak_rss'] / 1e9:.2f} GB RSS ({rows[0][1]['how']})")
         print(f"checkpoint: {size / 1e9:.3f} GB ({n} tensors, bf16); {os.cpu_count()} CPUs; inputs in the page "
               f"cache, outputs written through it (sync between steps); load average before: {load_before}\n")
-        print("| step | wall s | MB/s | peak RSS GB | RSS / checkpoint |")
+        print(f"| step | wall s (median of {args.repeat}) | MB/s | peak RSS GB | RSS / checkpoint |")
         print("|---|---|---|---|---|")
         for name, r in rows:
             print(f"| {name} | {r['wall_s']:.1f} | {size / 1e6 / r['wall_s']:.0f} | {r['peak_rss'] / 1e9:.2f} | "

@@ -107,7 +107,9 @@ def save_params(path: str, params: dict):
     """Orbax checkpoint of a tree of arrays (each keeps its dtype), written as numpy arrays.
 
     The save is synchronous, so Orbax's defensive copy of host arrays is switched off, and so is compression:
-    bf16 weights hardly compress, and both cost a full extra copy of the weights in memory (and time).
+    bf16 weights hardly compress, and both cost a full extra copy of the weights in memory (and time). Plain
+    per-array zarr directories (no OCDBT) write twice as fast here and restore as fast, and a converted model
+    has only ~100 arrays.
     """
     import orbax.checkpoint as ocp
 
@@ -115,7 +117,8 @@ def save_params(path: str, params: dict):
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()))
-    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, use_ocdbt=False,
+                                          type_handler_registry=registry)
     with ocp.Checkpointer(handler) as ckpt:
         ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params))
 

@@ -12,6 +12,7 @@ Directories hold `model.safetensors`, or shards listed in `model.safetensors.ind
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -250,16 +251,20 @@ def write_safetensors(out_dir: str, specs: list[tuple[str, np.dtype, tuple[int, 
         shards[-1].append(spec)
         size += nbytes
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
-    for fname, shard in zip(names, shards):
-        with open(os.path.join(out_dir, fname), "wb") as f:
-            f.write(_header_bytes(shard, metadata))
-            for name, dtype, shape in shard:
-                a = np.ascontiguousarray(get_tensor(name))
-                if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
-                    raise ValueError(f"tensor `{name}`: expected {np.dtype(dtype)} {list(shape)}, "
-                                     f"got {a.dtype} {list(a.shape)}")
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-                del a
+    # one writer thread: the next tensor is made while the previous one is written (at most two alive)
+    with concurrent.futures.ThreadPoolExecutor(1) as writer:
+        for fname, shard in zip(names, shards):
+            with open(os.path.join(out_dir, fname), "wb") as f:
+                pending = writer.submit(f.write, _header_bytes(shard, metadata))
+                for name, dtype, shape in shard:
+                    a = np.ascontiguousarray(get_tensor(name))
+                    if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
+                        raise ValueError(f"tensor `{name}`: expected {np.dtype(dtype)} {list(shape)}, "
+                                         f"got {a.dtype} {list(a.shape)}")
+                    pending.result()
+                    pending = writer.submit(f.write, memoryview(a.reshape(-1).view(np.uint8)))
+                    del a
+                pending.result()
     if len(shards) > 1:
         total = sum(math.prod(s[2]) * np.dtype(s[1]).itemsize for s in specs)
         index = {"metadata": {"total_size": total},
