@@ -132,7 +132,7 @@ def test_merger_init_is_layer_k_on_equal_windows(sources):
     unequal = rng.standard_normal((windows, 4, 64)).astype(np.float32)
     with torch.no_grad():
         mean_of_outputs = layer(torch.from_numpy(unequal), None).mean(1).numpy()
-    assert rel(np.asarray(apply(unequal.reshape(1, windows * 4, 64)))[0], mean_of_outputs) > 1e-2
+    assert rel(np.asarray(apply(unequal.reshape(1, windows * 4, 64)))[0], mean_of_outputs) > 1e-3
 
 
 def test_full_siglip_and_untied_qwen3(tmp_path):
