@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["fp32", "bf16"])
 def test_round_trip_bit_exact(tiny, tmp_path, which):
-    cfg, _, fp32, bf16 = tiny
+    _, _, fp32, bf16 = tiny
     src = fp32 if which == "fp32" else bf16
     if which == "bf16":
         assert os.path.exists(os.path.join(src, "model.safetensors.index.json")), "bf16 source must be sharded"

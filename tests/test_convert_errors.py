@@ -9,7 +9,7 @@ import pytest
 from tests.convert_ref import edit_config, hf_model, read_all, rewrite, save_hf
 from uhd_jax.config import tiny_config
 from uhd_jax.convert.__main__ import main as cli
-from uhd_jax.convert.checkpoint import PARAMS_DIR, save_params
+from uhd_jax.convert.checkpoint import PARAMS_DIR
 from uhd_jax.convert.errors import ConversionError
 from uhd_jax.convert.hf_to_jax import hf_to_jax, load_hf
 from uhd_jax.convert.jax_to_hf import jax_to_hf

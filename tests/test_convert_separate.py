@@ -10,7 +10,6 @@ import torch
 
 from tests.convert_ref import randomize, rel
 from uhd_jax.config import tiny_config
-from uhd_jax.convert import mapping
 from uhd_jax.convert.errors import ConversionError
 from uhd_jax.convert.from_separate import build_from_separate, from_separate, resize_matrix
 from uhd_jax.convert.jax_to_hf import jax_to_hf

@@ -400,7 +400,6 @@ def from_separate(vision_dir: str, llm_dir: str, out_dir: str, *, dtype=None, ov
                   **kw) -> Report:
     """Builds the combined model (see `build_from_separate`) and writes it as our checkpoint directory, with the
     LLM's tokenizer and generation config and MiniCPM-V 4.6's preprocessor config (patch size adjusted)."""
-    import shutil
     import tempfile
 
     check_output_dir(out_dir, overwrite)
