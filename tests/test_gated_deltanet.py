@@ -11,7 +11,6 @@ from uhd_jax.config import tiny_config
 from uhd_jax.model.gated_deltanet import (ChunkOptions, GatedDeltaNet, chunk_gated_delta_rule, init_deltanet_cache,
                                           recurrent_gated_delta_rule, unit_lower_inverse)
 
-jax.config.update("jax_enable_x64", False)
 
 
 def _inputs(seed, b=2, s=37, hk=2, hv=4, dk=16, dv=8, with_state=True):

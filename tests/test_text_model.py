@@ -77,11 +77,12 @@ def test_untied_head_and_attention_bias():
     _check_layers(cfg, out, hidden)
 
 
-def test_default_chunk_size_64_and_inputs_embeds():
-    """The reference chunk size, fed through inputs_embeds, with a 70-token sequence (one full chunk + 6)."""
+@pytest.mark.parametrize("chunk", [ChunkOptions(), ChunkOptions(64, "direct", "triangular_solve")])
+def test_chunk_options_and_inputs_embeds(chunk):
+    """The default options and the reference's chunk size 64, fed through inputs_embeds, 140 tokens."""
     cfg, ref, params, _ = _setup("qwen3_5_text")
-    model = TextModel(cfg)  # chunk_size 64
-    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 70))
+    model = TextModel(cfg, chunk=chunk)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 140))
     want, _ = _ref_forward(ref, ids)
     embeds = jnp.asarray(params["embed_tokens"])[ids]
     logits, _ = model.apply({"params": params}, inputs_embeds=embeds)
@@ -189,3 +190,33 @@ def test_parameters_carry_known_logical_axes():
         assert period == (4 if mt == "qwen3_5_text" else 1)
         stacked = variables["params"]["layers"]["layer_0"]["mlp"]["up_proj"]["kernel"]
         assert stacked.names[0] == "layers" and stacked.value.shape[0] == cfg.num_hidden_layers // period
+
+
+def test_flops_formula_matches_xla_cost_analysis():
+    """One scanned block (3 DeltaNet + 1 attention layer) at the real widths, forward and backward, on CPU where
+    XLA's cost analysis sees every dot; the formula the benchmark reports must agree."""
+    from uhd_jax.config import reference_config
+    from uhd_jax.model.text_flops import text_forward_flops
+    from uhd_jax.model.text_layers import rope_cos_sin
+    from uhd_jax.model.text_model import DecoderBlock
+
+    cfg = reference_config().text
+    b, s = 1, 256
+    block = DecoderBlock(cfg, cfg.layer_types[:4], attention_impl="xla")
+
+    def ctx():
+        cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(s), (b, s)), cfg.rotary_dim, cfg.rope_theta)
+        return {"cos": cos, "sin": sin, "mask": None, "lengths": None, "index": None}
+
+    x = jax.ShapeDtypeStruct((b, s, cfg.hidden_size), jnp.float32)
+    params = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), None, ctx()))
+    fwd = lambda p, x: block.apply(p, x, None, ctx())[0]
+    f = text_forward_flops(cfg, b, s)
+    per_block = (f["total"] - f["lm_head"]) / (cfg.num_hidden_layers // 4)
+    # the xla attention path computes the full square; the formula counts the causal half
+    full_square = 2 * 2 * cfg.num_attention_heads * cfg.head_dim * s * s - f["attn_scores"] / (cfg.num_hidden_layers // 4)
+    for fn, mult in ((fwd, 1), (jax.grad(lambda p, x: jnp.sum(fwd(p, x)), argnums=(0, 1)), 3)):
+        ca = jax.jit(fn).lower(params, x).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        ratio = ca["flops"] / (mult * (per_block + full_square))
+        assert 0.97 < ratio < 1.05, (mult, ratio)
