@@ -12,7 +12,6 @@ from uhd_jax.model.gated_deltanet import (ChunkOptions, GatedDeltaNet, chunk_gat
                                           recurrent_gated_delta_rule, unit_lower_inverse)
 
 
-
 def _inputs(seed, b=2, s=37, hk=2, hv=4, dk=16, dv=8, with_state=True):
     r = np.random.default_rng(seed)
     f = lambda *shape: r.standard_normal(shape).astype(np.float32)

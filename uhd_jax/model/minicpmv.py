@@ -1,0 +1,105 @@
+"""MiniCPM-V 4.6 / LLaVA-UHD v4: vision encoder -> visual tokens placed at the image placeholders -> LLM.
+
+Parameters: {"vision": VisionEncoder tree, "text": TextModel tree} (the converter's layout). The placement is
+static-shape: the vision encoder emits [V, T_out, D] tokens, flattened to [V * T_out, D], and sequence
+position (b, s) takes row `visual_index[b, s]` wherever `visual_mask[b, s]`. The host builds those indices
+(`uhd_jax.data.packer`) and `check_visual_placement` verifies them before anything runs on the device.
+Decoding continues with the text model alone: `model.text_model().apply({"params": params["text"]}, ...,
+cache=cache, decode=True)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from uhd_jax.config import ModelConfig
+from uhd_jax.data.batch import ModelBatch
+from uhd_jax.model.gated_deltanet import ChunkOptions
+from uhd_jax.model.text_model import TextModel
+from uhd_jax.model.vision import VisionEncoder
+
+Dtype = Any
+
+
+def check_visual_placement(batch: ModelBatch, image_token_id: int) -> None:
+    """Host-side: every real <|image_pad|> position receives exactly one valid visual token and every valid
+    visual token is placed once. Raises ValueError listing every mismatch (the reference raises "Multimodal
+    features and tokens do not match" only after running the vision tower)."""
+    ids = np.asarray(batch.input_ids)
+    real = np.asarray(batch.attention_mask, bool)
+    vmask = np.asarray(batch.visual_mask, bool)
+    vindex = np.asarray(batch.visual_index)
+    placeholders = (ids == image_token_id) & real
+    problems = []
+    for b in range(ids.shape[0]):
+        n_ph, n_placed = int(placeholders[b].sum()), int(vmask[b].sum())
+        if n_ph != n_placed or (vmask[b] != placeholders[b]).any():
+            problems.append(f"row {b}: {n_ph} image placeholder tokens (id {image_token_id}) but {n_placed} "
+                            f"positions receive visual tokens"
+                            + ("" if n_ph != n_placed else " at other positions"))
+    if (vmask & ~real).any():
+        problems.append("visual tokens placed at padding positions (attention_mask False)")
+    if batch.vision is None:
+        if vmask.any():
+            problems.append(f"{int(vmask.sum())} positions expect visual tokens but the batch has no images")
+    else:
+        v = batch.vision
+        unit = 1 << (2 * v.levels)
+        t_out = v.out_tokens_per_view
+        per_view = np.asarray(v.num_tokens) // unit
+        n_tokens = int(per_view.sum())
+        used = vindex[vmask]
+        if len(used) != n_tokens:
+            problems.append(f"{len(used)} image placeholder positions but the {int((per_view > 0).sum())} views "
+                            f"yield {n_tokens} visual tokens")
+        slot, j = used // t_out, used % t_out
+        bad = (used < 0) | (slot >= len(per_view))
+        bad[~bad] |= j[~bad] >= per_view[slot[~bad]]
+        if bad.any():
+            problems.append(f"{int(bad.sum())} visual_index entries point at padding or past the views "
+                            f"(e.g. {used[bad][:5].tolist()})")
+        if len(np.unique(used)) != len(used):
+            problems.append("some visual tokens are placed more than once")
+    if problems:
+        raise ValueError("visual token placement does not match the placeholders:\n  " + "\n  ".join(problems))
+
+
+class MiniCPMV(nn.Module):
+    """ModelBatch -> (logits [B, S, V] (or [B, 1, V] with last_logits_only), out).
+
+    out: "vision" (the encoder's intermediates, with "tokens" [V, T_out, D]) and the text model's intermediates
+    ("embeds" after placement, "layer_XX", "norm", and "cache" when a cache is passed)."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
+    remat_policy: str = "none"
+    chunk: ChunkOptions = ChunkOptions()
+
+    def text_model(self, **kw) -> TextModel:
+        """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for decoding."""
+        return TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
+                         attention_impl=self.attention_impl, chunk=self.chunk, **kw)
+
+    @nn.compact
+    def __call__(self, batch: ModelBatch, *, cache=None, last_logits_only: bool = False):
+        out = {}
+        placed = None
+        if batch.vision is not None:
+            tokens, _, out["vision"] = VisionEncoder(self.config, self.dtype, self.param_dtype,
+                                                     attn_impl=self.attention_impl, remat=self.remat_policy,
+                                                     name="vision")(batch.vision)
+            flat = tokens.reshape(-1, tokens.shape[-1])
+            placed = jnp.take(flat, jnp.asarray(batch.visual_index), axis=0)
+        text = TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
+                         attention_impl=self.attention_impl, chunk=self.chunk, name="text")
+        logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
+                                positions=jnp.asarray(batch.positions), cache=cache, last_logits_only=last_logits_only,
+                                placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask)
+        out.update(text_out)
+        return logits, out
