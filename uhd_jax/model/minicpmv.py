@@ -69,7 +69,7 @@ def check_visual_placement(batch: ModelBatch, image_token_id: int) -> None:
 
 
 class MiniCPMV(nn.Module):
-    """ModelBatch -> (logits [B, S, V] (or [B, 1, V] with last_logits_only), out).
+    """ModelBatch -> (logits [B, S, V] (or [B, 1, V] with last_logits_only; None with compute_logits=False), out).
 
     out: "vision" (the encoder's intermediates, with "tokens" [V, T_out, D]) and the text model's intermediates
     ("embeds" after placement, "layer_XX", "norm", and "cache" when a cache is passed)."""
@@ -80,6 +80,7 @@ class MiniCPMV(nn.Module):
     attention_impl: str = "auto"
     remat_policy: str = "none"
     chunk: ChunkOptions = ChunkOptions()
+    vision_remat_policy: str | None = None  # the vision encoder's; None: remat_policy
 
     def text_model(self, **kw) -> TextModel:
         """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for decoding."""
@@ -87,12 +88,14 @@ class MiniCPMV(nn.Module):
                          attention_impl=self.attention_impl, chunk=self.chunk, **kw)
 
     @nn.compact
-    def __call__(self, batch: ModelBatch, *, cache=None, last_logits_only: bool = False):
+    def __call__(self, batch: ModelBatch, *, cache=None, last_logits_only: bool = False, compute_logits: bool = True):
         out = {}
         placed = None
         if batch.vision is not None:
             tokens, _, out["vision"] = VisionEncoder(self.config, self.dtype, self.param_dtype,
-                                                     attn_impl=self.attention_impl, remat=self.remat_policy,
+                                                     attn_impl=self.attention_impl,
+                                                     remat=self.remat_policy if self.vision_remat_policy is None
+                                                     else self.vision_remat_policy,
                                                      name="vision")(batch.vision)
             flat = tokens.reshape(-1, tokens.shape[-1])
             placed = jnp.take(flat, jnp.asarray(batch.visual_index), axis=0)
@@ -100,6 +103,7 @@ class MiniCPMV(nn.Module):
                          attention_impl=self.attention_impl, chunk=self.chunk, name="text")
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
                                 positions=jnp.asarray(batch.positions), cache=cache, last_logits_only=last_logits_only,
+                                compute_logits=compute_logits,
                                 placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask)
         out.update(text_out)
         return logits, out

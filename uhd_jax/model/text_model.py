@@ -181,11 +181,14 @@ class TextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-                 decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None):
+                 decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None,
+                 compute_logits: bool = True):
         """input_ids [B, S] int or inputs_embeds [B, S, D]; attention_mask [B, S] bool; positions [B, S] int32
         (default: 0.. in prefill, the cache length in decode). placed_embeds [B, S, D] replace the token
         embeddings where placed_mask [B, S] is True (visual tokens). last_logits_only: logits of each row's last
-        real token only, [B, 1, V]. Returns (logits [B, S or 1, V], out)."""
+        real token only, [B, 1, V]. compute_logits=False skips lm_head and returns logits None (training with a
+        chunked loss on out["norm"], the final hidden states, and `lm_head_table`). Returns (logits [B, S or 1, V]
+        or None, out)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -234,6 +237,8 @@ class TextModel(nn.Module):
         out["norm"] = h
         if cache is not None:
             out["cache"] = {"layers": new_layers, "lengths": new_lengths}
+        if not compute_logits:
+            return None, out
         if last_logits_only and not decode:
             last = (new_lengths - 1)[:, None, None]
             h = jnp.take_along_axis(h, last, axis=1)
@@ -243,3 +248,10 @@ class TextModel(nn.Module):
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="lm_head")(h)
         return logits, out
+
+
+def lm_head_table(text_params: dict, config: TextConfig):
+    """The output projection as a [V, D] table: the tied embedding, or the untied lm_head kernel transposed."""
+    if config.tie_word_embeddings:
+        return text_params["embed_tokens"]
+    return text_params["lm_head"]["kernel"].T

@@ -1,0 +1,101 @@
+"""The chunked cross-entropy equals the plain full-logits loss, value and gradients, and the text model's
+compute_logits=False path feeds it the same hidden states the logits come from."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from uhd_jax.config import tiny_config
+from uhd_jax.model.text_model import TextModel, lm_head_table
+from uhd_jax.train.loss import chunked_cross_entropy, next_token_targets, reference_cross_entropy
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _inputs(seed, b=3, s=37, d=24, v=301):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.standard_normal((b, s, d)), jnp.float32)
+    table = jnp.asarray(rng.standard_normal((v, d)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
+    lengths = rng.integers(s // 3, s + 1, b)
+    real = np.arange(s)[None] < lengths[:, None]  # right padding
+    mask = real & (rng.random((b, s)) < 0.7)  # loss mask inside the real tokens
+    return hidden, table, targets, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 50, 1000])
+def test_matches_full_logits_float32(chunk):
+    hidden, table, targets, mask = _inputs(chunk)
+    f = lambda h, w: chunked_cross_entropy(h, w, targets, mask, chunk_tokens=chunk, compute_dtype=jnp.float32)
+    r = lambda h, w: reference_cross_entropy(h, w, targets, mask)
+    (lf, gf), (lr, gr) = jax.value_and_grad(f, (0, 1))(hidden, table), jax.value_and_grad(r, (0, 1))(hidden, table)
+    assert _rel(lf, lr) < 1e-5
+    assert _rel(gf[0], gr[0]) < 1e-5 and _rel(gf[1], gr[1]) < 1e-5
+    # masked-out tokens get no gradient
+    assert np.all(np.asarray(gf[0])[~np.asarray(mask)] == 0)
+
+
+def test_sum_reduction_and_jit():
+    hidden, table, targets, mask = _inputs(7)
+    f = jax.jit(lambda h, w: chunked_cross_entropy(h, w, targets, mask, chunk_tokens=32, reduction="sum",
+                                                   compute_dtype=jnp.float32))
+    ref = reference_cross_entropy(hidden, table, targets, mask) * jnp.sum(mask)
+    assert _rel(f(hidden, table), ref) < 1e-5
+
+
+def test_bf16_compute_close():
+    hidden, table, targets, mask = _inputs(3)
+    f = lambda h, w: chunked_cross_entropy(h, w, targets, mask, chunk_tokens=20)
+    r = lambda h, w: reference_cross_entropy(h, w, targets, mask)
+    (lf, gf), (lr, gr) = jax.value_and_grad(f, (0, 1))(hidden, table), jax.value_and_grad(r, (0, 1))(hidden, table)
+    assert gf[1].dtype == jnp.float32
+    assert _rel(lf, lr) < 1e-2 and _rel(gf[0], gr[0]) < 3e-2 and _rel(gf[1], gr[1]) < 3e-2
+
+
+def test_chunked_backward_never_holds_full_logits():
+    """Memory: the compiled gradient's temporaries stay well under one float32 [tokens, vocab] array."""
+    n, d, v = 2048, 64, 8192
+    h = jnp.zeros((n, d), jnp.float32)
+    w = jnp.zeros((v, d), jnp.float32)
+    t = jnp.zeros((n,), jnp.int32)
+    m = jnp.ones((n,), bool)
+    g = jax.jit(jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, m, chunk_tokens=128), (0, 1)))
+    mem = g.lower(h, w).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("no memory analysis on this backend")
+    full = n * v * 4
+    assert mem.temp_size_in_bytes < full / 4, (mem.temp_size_in_bytes, full)
+
+
+def test_text_model_hidden_path_matches_logits():
+    cfg = tiny_config().text
+    model = TextModel(cfg)
+    rng = np.random.default_rng(0)
+    b, s = 2, 19
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, s)), jnp.int32)
+    attn = jnp.asarray(np.arange(s)[None] < np.array([[s], [12]]))
+    params = meta.unbox(model.init(jax.random.PRNGKey(0), ids)["params"])
+    loss_mask = attn & jnp.asarray(rng.random((b, s)) < 0.8)
+    targets, weights = next_token_targets(ids, loss_mask)
+
+    def full(p):
+        logits, _ = model.apply({"params": p}, ids, attention_mask=attn)
+        lse = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        return jnp.sum((lse - tgt) * weights) / jnp.sum(weights)
+
+    def chunked(p):
+        logits, out = model.apply({"params": p}, ids, attention_mask=attn, compute_logits=False)
+        assert logits is None
+        return chunked_cross_entropy(out["norm"], lm_head_table(p, cfg), targets, weights, chunk_tokens=8,
+                                     compute_dtype=jnp.float32)
+
+    (lf, gf), (lc, gc) = jax.value_and_grad(full)(params), jax.value_and_grad(chunked)(params)
+    assert _rel(lc, lf) < 1e-5
+    for a, c in zip(jax.tree.leaves(gf), jax.tree.leaves(gc)):
+        assert _rel(c, a) < 1e-4
