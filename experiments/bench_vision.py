@@ -71,10 +71,13 @@ def bench_ours(cfg, params, images, mode, impl, iters):
 
 
 def xla_cost_flops(cfg, params, batch):
-    """XLA's own FLOP count of the same computation. Loops and custom calls (cuDNN) hide FLOPs from
-    cost analysis, so this compiles a variant with unrolled layers and einsum attention (not timed)."""
+    """XLA's own FLOP count of the same computation, from the CPU compiler: GPU cost analysis does not see
+    cuBLAS/cuDNN calls, and loops hide their bodies' FLOPs, so this lowers a variant with unrolled layers and
+    einsum attention for the CPU backend (compiled, never run)."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), (params, batch))
     enc = VisionEncoder(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attn_impl="xla", unroll=True)
-    cost = jax.jit(lambda p, b: enc.apply({"params": p}, b)[0]).lower(params, batch).compile().cost_analysis()
+    cost = jax.jit(lambda p, b: enc.apply({"params": p}, b)[0]).lower(*spec).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
