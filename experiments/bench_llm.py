@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="time every DeltaNet ChunkOptions alone, then the model with the fastest one")
     ap.add_argument("--tiny", action="store_true", help="tiny config and lengths: a CPU smoke test of this script")
+    ap.add_argument("--prefill-only", action="store_true", help="only the prefill (and decode) measurements")
+    ap.add_argument("--unroll", default="1", help="layer-scan unroll for prefill: an int or 'true'")
     args = ap.parse_args()
     global PREFILL_LEN, TRAIN_LEN
     if args.tiny:
@@ -205,6 +207,9 @@ def main():
     for o in options:
         for case, (bsz, seq, bwd) in {"prefill": (1, PREFILL_LEN, False),
                                      "train": (TRAIN_BATCH, TRAIN_LEN, True)}.items():
+            if args.prefill_only and case == "train":
+                core_ms[case][o] = 0.0
+                continue
             try:
                 core_ms[case][o] = core_bench(o, bsz, seq, bwd)
             except Exception as e:  # an implementation choice that fails to compile here: report, skip
@@ -223,7 +228,8 @@ def main():
     max_len = PREFILL_LEN + 128
     params_bf16 = None
     for o in dict.fromkeys([best["prefill"], default]):
-        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, chunk=o)
+        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, chunk=o,
+                          scan_unroll=True if args.unroll == "true" else int(args.unroll))
         if params_bf16 is None:
             params_bf16 = init_params(model)
 
@@ -233,7 +239,7 @@ def main():
             return logits, out["cache"]
 
         f = text_forward_flops(cfg, 1, PREFILL_LEN, logits_tokens=1, chunk=o)
-        compiled_prefill, _ = compile_and_time(f"prefill {PREFILL_LEN} ({label(o)})", prefill,
+        compiled_prefill, _ = compile_and_time(f"prefill {PREFILL_LEN} ({label(o)}, unroll {args.unroll})", prefill,
                                                (params_bf16, ids, mask), reps, f["total"], xla_visible(f))
         if o == best["prefill"]:
             results["prefill_flops_breakdown"] = f
@@ -275,6 +281,8 @@ def main():
     tmask = jnp.ones((TRAIN_BATCH, TRAIN_LEN), bool)
     params = None
     for o in dict.fromkeys([best["train"], default]):
+        if args.prefill_only:
+            break
         if time.perf_counter() - t_start > 330 and o != best["train"]:
             print(f"[skipping train with {label(o)}: time]")
             continue

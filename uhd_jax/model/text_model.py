@@ -22,18 +22,12 @@ import jax.numpy as jnp
 from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
-from uhd_jax.model.layers import Dense
+from uhd_jax.model.layers import REMAT_POLICIES, Dense
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
 from uhd_jax.parallel.axes import with_axes
 
 Dtype = Any
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.dots_saveable,
-}
 
 
 def layer_period(layer_types: tuple[str, ...]) -> int:
@@ -178,6 +172,7 @@ class TextModel(nn.Module):
     remat_policy: str = "none"
     attention_impl: str = "auto"
     chunk: ChunkOptions = ChunkOptions()  # how the DeltaNet chunked form runs; same function whatever it is
+    scan_unroll: int | bool = 1  # blocks per iteration of the layer scan; True: straight-line code (same function)
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
@@ -223,7 +218,8 @@ class TextModel(nn.Module):
         if self.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
-                        length=cfg.num_hidden_layers // period, metadata_params={nn.PARTITION_NAME: "layers"})
+                        length=cfg.num_hidden_layers // period, unroll=self.scan_unroll,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
         h, (new_layers, hidden) = stack(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype,
                                         self.attention_impl, self.chunk, decode,
                                         name="layers")(x, None if cache is None else cache["layers"], ctx)
