@@ -10,6 +10,14 @@ from uhd_jax.parallel.axes import with_axes
 
 Dtype = Any
 
+# Rematerialisation policies by name, for every scanned stack (vision and text).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
 # Matches torch.nn.Linear's default init closely enough for fresh weights; real weights come from checkpoints.
 default_kernel_init = nn.initializers.lecun_normal()
 

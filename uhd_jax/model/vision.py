@@ -18,16 +18,9 @@ import jax.numpy as jnp
 from uhd_jax.config import ModelConfig, VisionConfig
 from uhd_jax.data.layout import VisionBatch
 from uhd_jax.model.attention import dot_product_attention
-from uhd_jax.model.layers import Dense, Dtype, LayerNorm
+from uhd_jax.model.layers import REMAT_POLICIES, Dense, Dtype, LayerNorm
 from uhd_jax.model.merger import Merger, fold_2x2
 from uhd_jax.parallel.axes import with_axes
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 class VisionAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections. x: [V, T, D].
@@ -108,6 +101,8 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x, lengths):
         layer = EncoderLayer
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
         if self.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
