@@ -170,3 +170,25 @@ def test_real_checkpoint_layout():
     assert len(saved) == 779
     assert ours == saved
     assert sum(math.prod(leaf.shape) for leaf in plan.leaves.values()) == 1_300_428_016
+
+
+def test_target_tree_is_the_full_models_tree():
+    """The converter's abstract target equals what MiniCPMV.init creates (same paths, shapes, dtypes)."""
+    import flax.linen as nn
+    import jax
+
+    from uhd_jax.config import tiny_config
+    from uhd_jax.convert.target import params_shape
+    from uhd_jax.data.batch import ModelBatch
+    from uhd_jax.data.layout import pack_views
+    from uhd_jax.model.minicpmv import MiniCPMV
+
+    cfg = tiny_config()
+    vision = pack_views([np.zeros((3, 56, 56), np.float32)], patch_size=14, positions_per_side=70)
+    s = np.zeros((1, 8), np.int32)
+    batch = ModelBatch(input_ids=s, attention_mask=s == 0, positions=s, visual_index=s, visual_mask=s != 0,
+                       loss_mask=s != 0, vision=vision)
+    model_tree = jax.eval_shape(MiniCPMV(cfg).init, jax.random.key(0), batch)["params"]
+    unbox = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t,  # noqa: E731
+                                   is_leaf=lambda x: hasattr(x, "shape"))
+    assert unbox(nn.unbox(model_tree)) == unbox(nn.unbox(params_shape(cfg)))
