@@ -106,7 +106,7 @@ def main():
                     help="time every DeltaNet ChunkOptions alone, then the model with the fastest one")
     ap.add_argument("--tiny", action="store_true", help="tiny config and lengths: a CPU smoke test of this script")
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill (and decode) measurements")
-    ap.add_argument("--unroll", default="1", help="layer-scan unroll for prefill: an int or 'true'")
+    ap.add_argument("--unroll", default="1", help="layer-scan unroll(s) for prefill, comma separated: ints or 'true'")
     args = ap.parse_args()
     global PREFILL_LEN, TRAIN_LEN
     if args.tiny:
@@ -227,9 +227,9 @@ def main():
     mask = jnp.ones((1, PREFILL_LEN), bool)
     max_len = PREFILL_LEN + 128
     params_bf16 = None
-    for o in dict.fromkeys([best["prefill"], default]):
-        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, chunk=o,
-                          scan_unroll=True if args.unroll == "true" else int(args.unroll))
+    unrolls = [True if u == "true" else int(u) for u in args.unroll.split(",")]
+    for o, unroll in [(o, u) for o in dict.fromkeys([best["prefill"], default]) for u in unrolls]:
+        model = TextModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, chunk=o, scan_unroll=unroll)
         if params_bf16 is None:
             params_bf16 = init_params(model)
 
@@ -239,9 +239,9 @@ def main():
             return logits, out["cache"]
 
         f = text_forward_flops(cfg, 1, PREFILL_LEN, logits_tokens=1, chunk=o)
-        compiled_prefill, _ = compile_and_time(f"prefill {PREFILL_LEN} ({label(o)}, unroll {args.unroll})", prefill,
+        compiled_prefill, _ = compile_and_time(f"prefill {PREFILL_LEN} ({label(o)}, unroll {unroll})", prefill,
                                                (params_bf16, ids, mask), reps, f["total"], xla_visible(f))
-        if o == best["prefill"]:
+        if o == best["prefill"] and unroll == unrolls[0]:
             results["prefill_flops_breakdown"] = f
             full = text_forward_flops(cfg, 1, PREFILL_LEN, chunk=o)
             fwd = lambda p, ids, model=model: model.apply({"params": p}, ids)[0]

@@ -90,6 +90,7 @@ def summarise(path: str, steps: int, top: int):
                         name = disp or name
                 meta[key] = name
         if not pname.startswith("/device:GPU"):
+            print(f"(plane {pname}: {len(lines)} lines, skipped)")
             continue
         by_name, by_line = collections.Counter(), collections.Counter()
         count = collections.Counter()
