@@ -44,6 +44,19 @@ class Dense(nn.Module):
         return y
 
 
+def _layer_norm(x, scale, bias, eps: float, dtype):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+# The backward pass recomputes the float32 statistics from the saved input instead of keeping float32 copies
+# of every normalized activation (for the full ViT that is ~12 GiB of residuals per 40 views).
+_layer_norm_remat = jax.checkpoint(_layer_norm, static_argnums=(3, 4))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with statistics in float32 whatever the compute dtype; output in `dtype`."""
 
@@ -57,9 +70,4 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", with_axes(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
         bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
-
+        return _layer_norm_remat(x, scale, bias, self.eps, jnp.dtype(self.dtype))
