@@ -17,6 +17,7 @@ Variant keys (comma separated, variants separated by ';'):
   loss=text|all     logits for the text positions only, gathered by a host-built static index (text), or for
                     every position with the non-text ones weighted 0 (all)
   ce_chunk=N        tokens per chunk of the cross-entropy
+  unroll=1|N|true   layer-scan unroll of the vision and text stacks (true: straight-line code)
   dn_chunk=N, dn_pass=transition|direct, dn_solver=blocked|triangular_solve   DeltaNet ChunkOptions
 FLOPs: vision_flops x3 + text_forward_flops x3 (logits counted for the positions that get them), frozen (first variant only): vision
 x1 + text x3. MFU against 989 TFLOP/s (H100 bf16 dense). JSON to $OUT/bench_train.json when OUT is set.
@@ -115,7 +116,7 @@ def parse_variants(spec: str) -> list[dict]:
     out = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         v = dict(name="base", remat="none", vremat="none", cast="1", loss="text", ce_chunk="1024",
-                 dn_chunk="128", dn_pass="transition", dn_solver="blocked")
+                 dn_chunk="128", dn_pass="transition", dn_solver="blocked", unroll="1")
         for kv in part.split(","):
             k, val = kv.split("=")
             if k not in v:
@@ -209,7 +210,8 @@ def main():
             continue
         chunk = ChunkOptions(int(v["dn_chunk"]), v["dn_pass"], v["dn_solver"])
         model = MiniCPMV(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat_policy=v["remat"],
-                         vision_remat_policy=v["vremat"], chunk=chunk)
+                         vision_remat_policy=v["vremat"], chunk=chunk,
+                         unroll=True if v["unroll"] == "true" else int(v["unroll"]))
         cast = v["cast"] == "1"
         ce_chunk = int(v["ce_chunk"])
         tf = text_forward_flops(cfg.text, BATCH, seq, chunk=chunk,

@@ -81,6 +81,7 @@ class MiniCPMV(nn.Module):
     remat_policy: str = "none"
     chunk: ChunkOptions = ChunkOptions()
     vision_remat_policy: str | None = None  # the vision encoder's; None: remat_policy
+    unroll: int | bool = 1  # layers (vision) / blocks (text) per layer-scan iteration; True: straight-line code
 
     def text_model(self, **kw) -> TextModel:
         """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for decoding."""
@@ -95,12 +96,12 @@ class MiniCPMV(nn.Module):
             tokens, _, out["vision"] = VisionEncoder(self.config, self.dtype, self.param_dtype,
                                                      attn_impl=self.attention_impl,
                                                      remat=self.remat_policy if self.vision_remat_policy is None
-                                                     else self.vision_remat_policy,
+                                                     else self.vision_remat_policy, unroll=self.unroll,
                                                      name="vision")(batch.vision)
             flat = tokens.reshape(-1, tokens.shape[-1])
             placed = jnp.take(flat, jnp.asarray(batch.visual_index), axis=0)
         text = TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
-                         attention_impl=self.attention_impl, chunk=self.chunk, name="text")
+                         attention_impl=self.attention_impl, chunk=self.chunk, scan_unroll=self.unroll, name="text")
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
                                 positions=jnp.asarray(batch.positions), cache=cache, last_logits_only=last_logits_only,
                                 compute_logits=compute_logits,
