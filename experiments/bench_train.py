@@ -71,7 +71,6 @@ def make_batch(cfg, seed: int, view_px: int, tokens_per_view: int, text: int, se
     vindex = np.zeros((BATCH, seq), np.int32)
     vmask = np.zeros((BATCH, seq), bool)
     for b in range(BATCH):
-        pos, n_text = 0, 0
         lead = 16
         row_ids, row_v, row_vi = [], [], []
         row_ids += list(rng.integers(0, 1000, lead)); row_v += [False] * lead; row_vi += [0] * lead
