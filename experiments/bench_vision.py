@@ -54,8 +54,8 @@ def time_fn(fn, args_list, iters):
     return statistics.median(ts), min(ts)
 
 
-def bench_ours(cfg, params, images, mode, impl, iters):
-    enc = VisionEncoder(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attn_impl=impl)
+def bench_ours(cfg, params, images, mode, impl, iters, unroll=1):
+    enc = VisionEncoder(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attn_impl=impl, unroll=unroll)
     batches = [jax.device_put(make_batch(cfg, images, mode, s)) for s in range(3)]
     f = jax.jit(lambda p, b: enc.apply({"params": p}, b)[0])
     t0 = time.perf_counter()
@@ -65,7 +65,7 @@ def bench_ours(cfg, params, images, mode, impl, iters):
     counted = vision_flops(cfg, [1024] * (images * VIEWS_PER_IMAGE), mode)["total"]
     mem = compiled.memory_analysis()
     peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) if mem else float("nan")
-    return dict(impl=f"jax-{impl}", mode=mode, images=images, ms=ms, best_ms=best, flops=counted,
+    return dict(impl=f"jax-{impl}" + ("-unrolled" if unroll is True else ""), mode=mode, images=images, ms=ms, best_ms=best, flops=counted,
                 xla_flops=xla_cost_flops(cfg, params, batches[0]), tflops_per_s=counted / ms / 1e9,
                 compile_s=compile_s, peak_gib=peak / 2**30)
 
@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--impls", default="cudnn,xla")
     ap.add_argument("--images", default="1,8")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--unroll", default="1", help="comma list of layer-scan unrolls: 1 (rolled) and/or true")
     args = ap.parse_args()
 
     cfg = reference_config()
@@ -144,11 +145,13 @@ def main():
     for images in [int(x) for x in args.images.split(",")]:
         for mode in ("16x", "4x"):
             for impl in args.impls.split(","):
-                if impl == "xla" and images > 1:
-                    continue  # the einsum path materializes [V, N, T, T] logits; one image is enough to compare
-                r = bench_ours(cfg, params, images, mode, impl, args.iters)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                for unroll in args.unroll.split(","):
+                    if impl == "xla" and images > 1:
+                        continue  # the einsum path materializes [V, N, T, T] logits; one image is enough
+                    r = bench_ours(cfg, params, images, mode, impl, args.iters,
+                                   unroll=True if unroll == "true" else int(unroll))
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
     if not args.no_reference:
         try:
             import torch
