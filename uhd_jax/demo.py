@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from uhd_jax.config import reference_config, tiny_config
-from uhd_jax.data.layout import merge_levels, pack_views
+from uhd_jax.data.layout import pack_views, patches_per_token
 from uhd_jax.data.slicer import SliceConfig, slice_image
 from uhd_jax.model.flops import vision_flops
 from uhd_jax.model.vision import VisionEncoder
@@ -57,7 +57,7 @@ def main(argv=None):
           f"slice grid {grid}  ({slice_ms:.0f} ms on the host)")
 
     budget = max(args.tokens_per_view, max(h * w for h, w in plan.target_sizes))
-    unit = 1 << (2 * merge_levels(args.mode))
+    unit = patches_per_token(args.mode)
     budget = -(-budget // unit) * unit
     batch = pack_views(sliced.views, patch_size=cfg.vision.patch_size,
                        positions_per_side=cfg.vision.positions_per_side, mode=args.mode, tokens_per_view=budget)

@@ -327,8 +327,9 @@ def _fresh_merger(src: Combined, cfg: ModelConfig, seed: int, dtype_code: str) -
 
     from uhd_jax.convert.safetensors_io import DTYPES
     from uhd_jax.model.merger import Merger
+    from uhd_jax.data.layout import patches_per_token
 
-    t = 1 << (2 * cfg.merger.merger_times)
+    t = patches_per_token("4x", cfg.merger.merger_times)  # tokens folded by the post-ViT merger alone
     module = Merger(cfg.merger.merger_times, cfg.text.hidden_size)
     fresh = nn.unbox(module.init(jax.random.PRNGKey(seed), jnp.zeros((1, t, cfg.vision.hidden_size))))["params"]
     tree = {"vision_tower": {}, "merger": jax.tree.map(np.asarray, fresh)}

@@ -11,10 +11,10 @@ from uhd_jax.config import ModelConfig
 
 
 def _vision_batch(cfg: ModelConfig):
-    from uhd_jax.data.layout import VisionBatch
+    from uhd_jax.data.layout import VisionBatch, patches_per_token
 
     # always 16x: the window merger's parameters exist in both modes (4x skips it at run time)
-    t = 1 << (2 * (1 + cfg.merger.merger_times))
+    t = patches_per_token("16x", cfg.merger.merger_times)
     return VisionBatch(patches=np.zeros((1, t, cfg.vision.patch_dim), np.float32),
                        pos_ids=np.zeros((1, t), np.int32), num_tokens=np.full((1,), t, np.int32),
                        grid=np.full((1, 2), int(np.sqrt(t)), np.int32), mode="16x",

@@ -30,6 +30,11 @@ def merge_levels(mode: str, merger_times: int = 1) -> int:
     return (1 if mode == "16x" else 0) + merger_times
 
 
+def patches_per_token(mode: str, merger_times: int = 1) -> int:
+    """Patches folded into one LLM token: 4^levels (16 in 16x mode, 4 in 4x mode, with one post-ViT round)."""
+    return 1 << (2 * merge_levels(mode, merger_times))
+
+
 def block_order(h: int, w: int, levels: int) -> np.ndarray:
     """Permutation `perm` [h*w] so that `row_major[perm]` is in block order. Needs h, w divisible by 2^levels."""
     b = 1 << levels
@@ -91,17 +96,21 @@ class VisionBatch:
         return merge_levels(self.mode, self.merger_times)
 
     @property
+    def patches_per_token(self) -> int:
+        return patches_per_token(self.mode, self.merger_times)
+
+    @property
     def tokens_per_view(self) -> int:
         return self.patches.shape[1]
 
     @property
     def out_tokens_per_view(self) -> int:
-        return self.tokens_per_view >> (2 * self.levels)
+        return self.tokens_per_view // self.patches_per_token
 
 
 def view_token_count(h: int, w: int, mode: str, merger_times: int = 1) -> int:
     """Visual tokens one view of h x w patches gives the LLM."""
-    return (h * w) >> (2 * merge_levels(mode, merger_times))
+    return (h * w) // patches_per_token(mode, merger_times)
 
 
 @functools.lru_cache(maxsize=512)
@@ -143,7 +152,7 @@ def pack_views(views: Sequence[np.ndarray], *, patch_size: int, positions_per_si
     """Lays out normalized pixel views ([C, H, W] each, H and W multiples of patch_size * 2^levels)
     into a VisionBatch padded to `tokens_per_view` patches per view and `num_views` views."""
     levels = merge_levels(mode, merger_times)
-    unit = 1 << (2 * levels)
+    unit = patches_per_token(mode, merger_times)
     views = [np.asarray(v) for v in views]
     for i, v in enumerate(views):
         if v.ndim != 3:

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from uhd_jax.data.batch import ModelBatch
-from uhd_jax.data.layout import VisionBatch, merge_levels, write_view
+from uhd_jax.data.layout import VisionBatch, merge_levels, patches_per_token, write_view
 from uhd_jax.data.processor import Processor, Sample, check_placeholders
 
 OVERFLOW_POLICIES = ("error", "fewer_slices")
@@ -89,11 +89,11 @@ class Packer:
         self.mode = sc.downsample_mode
         self.patch_size = sc.patch_size
         self.levels = merge_levels(self.mode, config.merger_times)
-        unit = 1 << (2 * self.levels)
+        unit = patches_per_token(self.mode, config.merger_times)
         if config.tokens_per_view % unit:
             raise ValueError(f"tokens_per_view={config.tokens_per_view} must be a multiple of {unit} in "
                              f"{self.mode} mode")
-        self.out_tokens_per_view = config.tokens_per_view >> (2 * self.levels)
+        self.out_tokens_per_view = config.tokens_per_view // unit
 
     # ------------------------------------------------------------------ fitting one sample
     def _problem(self, s: Sample, view_budget: int) -> str | None:

@@ -48,9 +48,8 @@ def check_visual_placement(batch: ModelBatch, image_token_id: int) -> None:
             problems.append(f"{int(vmask.sum())} positions expect visual tokens but the batch has no images")
     else:
         v = batch.vision
-        unit = 1 << (2 * v.levels)
         t_out = v.out_tokens_per_view
-        per_view = np.asarray(v.num_tokens) // unit
+        per_view = np.asarray(v.num_tokens) // v.patches_per_token
         n_tokens = int(per_view.sum())
         used = vindex[vmask]
         if len(used) != n_tokens:

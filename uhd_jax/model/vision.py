@@ -205,7 +205,7 @@ class VisionEncoder(nn.Module):
         if batch.merger_times != cfg.merger.merger_times:
             raise ValueError(f"VisionBatch was laid out for merger_times={batch.merger_times}, "
                              f"the model has merger_times={cfg.merger.merger_times}")
-        unit = 1 << (2 * batch.levels)
+        unit = batch.patches_per_token
         if batch.tokens_per_view % unit:
             raise ValueError(f"tokens_per_view={batch.tokens_per_view} is not a multiple of {unit} "
                              f"({batch.mode} mode)")
