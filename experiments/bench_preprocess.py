@@ -120,7 +120,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench_pre_")
     model_dir = make_model_dir(os.path.join(tmp, "model"))
     proc = Processor.from_pretrained(model_dir)
-    packer = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(1024, 2048), tokens_per_view=1152, num_views=10))
+    packer = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(1024, 2048), tokens_per_view=1152, views_per_row=10))
 
     rows, pool_rows, notes = [], [], []
     for size in args.sizes.split(","):
@@ -161,7 +161,7 @@ def main():
                          f"(normalized units, range [-1, 1]; 1/255 px = {2 / 255:.4f})")
         recs = [paths[i % len(paths)] for i in range(args.pool_n)]
         for dt in args.patches_dtype.split(","):
-            cfg = PackerConfig(batch_size=4, seq_buckets=(4096,), tokens_per_view=1152, num_views=40,
+            cfg = PackerConfig(batch_size=4, seq_buckets=(4096,), tokens_per_view=1152, views_per_row=10,
                                patches_dtype=dt)
             for k in workers:
                 stats = RecordStats()

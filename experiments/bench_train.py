@@ -64,8 +64,10 @@ def make_batch(cfg, seed: int, view_px: int, tokens_per_view: int, text: int, se
     side = view_px // cfg.vision.patch_size
     per_view = (side * side) >> (2 * levels)
     views = [rng.standard_normal((3, view_px, view_px), dtype=np.float32) for _ in range(BATCH * VIEWS)]
-    vb = pack_views(views, patch_size=cfg.vision.patch_size, positions_per_side=cfg.vision.positions_per_side,
-                    mode="16x", tokens_per_view=tokens_per_view, num_views=BATCH * VIEWS, dtype=np.float32)
+    rows = [pack_views(views[b * VIEWS:(b + 1) * VIEWS], patch_size=cfg.vision.patch_size,
+                       positions_per_side=cfg.vision.positions_per_side, mode="16x", tokens_per_view=tokens_per_view,
+                       num_views=VIEWS, dtype=np.float32) for b in range(BATCH)]
+    vb = jax.tree.map(lambda *a: np.stack(a), *rows)  # each row owns its view slots: [BATCH, VIEWS, ...]
     ids = np.zeros((BATCH, seq), np.int32)
     amask = np.zeros((BATCH, seq), bool)
     vindex = np.zeros((BATCH, seq), np.int32)
@@ -75,7 +77,7 @@ def make_batch(cfg, seed: int, view_px: int, tokens_per_view: int, text: int, se
         row_ids, row_v, row_vi = [], [], []
         row_ids += list(rng.integers(0, 1000, lead)); row_v += [False] * lead; row_vi += [0] * lead
         for v in range(VIEWS):
-            slot = b * VIEWS + v
+            slot = v  # row-local
             row_ids += [cfg.image_token_id] * per_view; row_v += [True] * per_view
             row_vi += [slot * t_out + j for j in range(per_view)]
             row_ids += list(rng.integers(0, 1000, 2)); row_v += [False] * 2; row_vi += [0] * 2

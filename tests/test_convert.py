@@ -185,6 +185,7 @@ def test_target_tree_is_the_full_models_tree():
 
     cfg = tiny_config()
     vision = pack_views([np.zeros((3, 56, 56), np.float32)], patch_size=14, positions_per_side=70)
+    vision = jax.tree.map(lambda a: a[None], vision)  # [batch=1, views_per_row=1, ...]
     s = np.zeros((1, 8), np.int32)
     batch = ModelBatch(input_ids=s, attention_mask=s == 0, positions=s, visual_index=s, visual_mask=s != 0,
                        loss_mask=s != 0, vision=vision)

@@ -1,11 +1,11 @@
 """Packer: static shapes, visual-token placement, buckets, overflow policies, streaming batches."""
 
+import jax
 import numpy as np
 import pytest
 
 from tests.data_utils import make_model_dir, random_image
 from uhd_jax.data.batch import ModelBatch
-from uhd_jax.data.layout import patchify, view_token_count
 from uhd_jax.data.packer import Packer, PackerConfig, SampleDoesNotFit, pack_samples
 from uhd_jax.data.processor import Processor
 
@@ -22,23 +22,31 @@ def _chat(proc, images, q="What is it?", a="A cat.", name=None):
     return proc.encode_chat([{"role": "user", "content": parts}, {"role": "assistant", "content": a}], name=name)
 
 
-def _token_patches(batch: ModelBatch, row: int, patch_size: int = 14) -> np.ndarray:
-    """The patches [unit, C*P*P] that make up flat visual token `row` of the encoder output."""
+def _token_patches(batch: ModelBatch, row: int, index: int) -> np.ndarray:
+    """The patches [unit, C*P*P] that make up visual token `index` of row `row` (its views flattened)."""
     v = batch.vision
-    unit = 1 << (2 * v.levels)
-    k, j = divmod(int(row), v.out_tokens_per_view)
-    return v.patches[k, j * unit:(j + 1) * unit]
+    unit = 16 if v.mode == "16x" else 4
+    k, j = divmod(int(index), v.out_tokens_per_view)
+    return v.patches[row, k, j * unit:(j + 1) * unit]
 
 
 def _expected_patches(view: np.ndarray, j: int, mode: str, patch_size: int = 14) -> np.ndarray:
-    """Row-major merged-grid cell j of a view: its patches in block order (what one output token sees)."""
-    from uhd_jax.data.layout import block_order, merge_levels
+    """Cell j (row-major) of the merged grid of a [C, H, W] view, written out by hand: the pixels of the patches
+    one output token sees, in the order the merges fold them (16x: the four 2x2 quadrants of a 4x4 block
+    row-major, each quadrant's patches row-major; 4x: a 2x2 block row-major). Independent of layout.py."""
+    b = 4 if mode == "16x" else 2
+    w_cells = view.shape[2] // patch_size // b
+    r0, c0 = (j // w_cells) * b, (j % w_cells) * b
+    order = [(qr + r, qc + c) for qr in (0, 2) for qc in (0, 2) for r in (0, 1) for c in (0, 1)] if b == 4 \
+        else [(r, c) for r in (0, 1) for c in (0, 1)]
+    p = patch_size
+    return np.stack([view[:, (r0 + r) * p:(r0 + r + 1) * p, (c0 + c) * p:(c0 + c + 1) * p].reshape(-1)
+                     for r, c in order])
 
-    levels = merge_levels(mode)
-    b = 1 << levels
-    h, w = view.shape[1] // patch_size, view.shape[2] // patch_size
-    flat = patchify(view, patch_size)[block_order(h, w, levels)]
-    return flat[j * b * b:(j + 1) * b * b]
+
+def _n_tokens(view: np.ndarray, mode: str) -> int:
+    """Visual tokens of a view, by hand: patches / 16 (16x) or / 4 (4x)."""
+    return (view.shape[1] // 14) * (view.shape[2] // 14) // (16 if mode == "16x" else 4)
 
 
 @pytest.mark.parametrize("mode", ["16x", "4x"])
@@ -48,7 +56,7 @@ def test_pack_shapes_and_placement(proc, mode):
     s2 = _chat(p, [], q="hello", a="hello world")
     s3 = _chat(p, [random_image(100, 60, 2), random_image(30, 900, 3)], name="s3")
     tpv = 1152 if mode == "16x" else 1160
-    cfg = PackerConfig(batch_size=4, seq_buckets=(256, 1024, 4096), tokens_per_view=tpv, num_views=12)
+    cfg = PackerConfig(batch_size=4, seq_buckets=(256, 1024, 4096), tokens_per_view=tpv, views_per_row=8)
     b = Packer(p, cfg).pack([s1, s2, s3])
     assert isinstance(b, ModelBatch)
     S = 1024 if mode == "16x" else 4096
@@ -56,7 +64,8 @@ def test_pack_shapes_and_placement(proc, mode):
     assert b.input_ids.shape == (4, S) and L <= S
     for a in (b.attention_mask, b.positions, b.visual_index, b.visual_mask, b.loss_mask):
         assert a.shape == (4, S)
-    assert b.vision.patches.shape == (12, tpv, 3 * 14 * 14)
+    assert b.vision.patches.shape == (4, 8, tpv, 3 * 14 * 14)
+    assert b.vision.num_tokens.shape == (4, 8) and b.vision.grid.shape == (4, 8, 2)
     assert b.vision.mode == mode
     # rows: real tokens left-aligned, positions 0.., padding with the pad id, an empty 4th row
     for r, s in enumerate([s1, s2, s3]):
@@ -67,39 +76,56 @@ def test_pack_shapes_and_placement(proc, mode):
         np.testing.assert_array_equal(b.positions[r, :n], np.arange(n))
         np.testing.assert_array_equal(b.loss_mask[r, :n], s.loss_mask)
     assert not b.attention_mask[3].any() and not b.visual_mask[3].any()
-    # visual mask is exactly the image tokens; indices unique and within the encoder output
+    # visual mask is exactly the image tokens; row-local indices unique and within the row's views
     np.testing.assert_array_equal(b.visual_mask, (b.input_ids == p.image_token_id) & b.attention_mask)
-    idx = b.visual_index[b.visual_mask]
-    assert len(np.unique(idx)) == idx.size and idx.max() < 12 * b.vision.out_tokens_per_view
     assert (b.visual_index[~b.visual_mask] == 0).all()
+    for r, s in enumerate([s1, s2, s3, None]):
+        views = [] if s is None else s.views
+        idx = b.visual_index[r][b.visual_mask[r]]
+        assert len(np.unique(idx)) == idx.size == sum(_n_tokens(v, mode) for v in views)
+        assert b.vision.num_tokens[r].tolist() == [v.shape[1] * v.shape[2] // 196 for v in views] + \
+            [0] * (8 - len(views))
+        assert (b.vision.patches[r, len(views):] == 0).all()
     # the j-th placeholder of each view receives the token built from cell j (row-major) of that view
-    views = s1.views + s3.views
-    assert b.vision.num_tokens.tolist()[:len(views)] == [v.shape[1] * v.shape[2] // 196 for v in views]
-    assert idx.size == sum(view_token_count(v.shape[1] // 14, v.shape[2] // 14, mode) for v in views)
-    k = 0
     for r, s in [(0, s1), (2, s3)]:
         pos = np.flatnonzero(b.visual_mask[r])
         off = 0
-        for v, n in zip(s.views, s.view_tokens):
+        for k, v in enumerate(s.views):
+            n = _n_tokens(v, mode)
             for j in (0, n // 2, n - 1):
-                row = b.visual_index[r, pos[off + j]]
-                assert divmod(int(row), b.vision.out_tokens_per_view) == (k, j)
-                np.testing.assert_array_equal(_token_patches(b, row), _expected_patches(v, j, mode))
+                index = b.visual_index[r, pos[off + j]]
+                assert divmod(int(index), b.vision.out_tokens_per_view) == (k, j)
+                np.testing.assert_array_equal(_token_patches(b, r, index), _expected_patches(v, j, mode))
             off += n
-            k += 1
+
+
+def test_rows_are_independent(proc):
+    """A row and its views do not depend on the other rows: packing samples together gives, row for row, what
+    packing each alone gives (so each host can build only its own rows)."""
+    samples = [_chat(proc, [random_image(900, 900, 1)], name="a"), _chat(proc, [], q="hi", a="ok"),
+               _chat(proc, [random_image(200, 700, 2), random_image(64, 64, 3)], name="c")]
+    pk = Packer(proc, PackerConfig(batch_size=3, seq_buckets=(1024,), views_per_row=6))
+    together = pk.pack(samples)
+    one = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(1024,), views_per_row=6))
+    for r, s in enumerate(samples):
+        alone = one.pack([s])
+        for f in ("input_ids", "attention_mask", "positions", "visual_index", "visual_mask", "loss_mask"):
+            np.testing.assert_array_equal(getattr(together, f)[r], getattr(alone, f)[0])
+        for f in ("patches", "pos_ids", "num_tokens", "grid"):
+            np.testing.assert_array_equal(getattr(together.vision, f)[r], getattr(alone.vision, f)[0])
 
 
 def test_text_only_batch_keeps_static_vision(proc):
     s = _chat(proc, [], q="hi", a="ok")
-    b = Packer(proc, PackerConfig(batch_size=2, seq_buckets=(32, 64), num_views=3)).pack([s])
-    assert b.input_ids.shape == (2, 32) and b.vision.patches.shape == (3, 1152, 588)
+    b = Packer(proc, PackerConfig(batch_size=2, seq_buckets=(32, 64), views_per_row=3)).pack([s])
+    assert b.input_ids.shape == (2, 32) and b.vision.patches.shape == (2, 3, 1152, 588)
     assert (b.vision.num_tokens == 0).all() and not b.visual_mask.any()
-    b0 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(32,), num_views=0)).pack([s])
+    b0 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(32,), views_per_row=0)).pack([s])
     assert b0.vision is None
 
 
 def test_buckets(proc):
-    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(24, 48, 96), num_views=1))
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(24, 48, 96), views_per_row=1))
     short = _chat(proc, [], q="hi", a="ok")
     assert len(short) <= 24 and pk.pack([short]).input_ids.shape == (1, 24)
     mid = _chat(proc, [], q="Describe this image in detail. " * 2, a="ok")
@@ -112,7 +138,7 @@ def test_buckets(proc):
 def test_overflow_error_names_sample(proc):
     s = _chat(proc, [random_image(1344, 1344, 1)], name="big.jpg")
     assert s.num_views == 10
-    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(2048,), num_views=5, overflow="error"))
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(2048,), views_per_row=5, overflow="error"))
     with pytest.raises(SampleDoesNotFit, match=r"big.jpg.*10 views > 5"):
         pk.pack([s])
 
@@ -120,39 +146,27 @@ def test_overflow_error_names_sample(proc):
 def test_overflow_fewer_slices(proc):
     img = random_image(1344, 1344, 1)
     s = _chat(proc, [img], name="big.jpg")
-    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512, 2048), num_views=5, overflow="fewer_slices"))
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512, 2048), views_per_row=5, overflow="fewer_slices"))
     b = pk.pack([s])
     # re-sliced with a smaller max_slice_nums: 4 slices + thumbnail, all image tokens placed
     assert (b.vision.num_tokens > 0).sum() == 5
     n_pad = int((b.input_ids == proc.image_token_id).sum())
-    assert int(b.visual_mask.sum()) == n_pad == sum(
-        view_token_count(int(h), int(w), "16x") for h, w in b.vision.grid[:5])
+    assert int(b.visual_mask.sum()) == n_pad == sum(int(h) * int(w) // 16 for h, w in b.vision.grid[0, :5])
     # sequence budget drives it too: 10 views (~700 tokens) into a 400-token bucket
-    pk2 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(400,), num_views=10, overflow="fewer_slices"))
+    pk2 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(400,), views_per_row=10, overflow="fewer_slices"))
     b2 = pk2.pack([s])
     assert b2.input_ids.shape == (1, 400) and int(b2.visual_mask.sum()) == int(
         (b2.input_ids == proc.image_token_id).sum())
     # text alone too long: an error naming the sample, even with fewer slices
-    pk3 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(40,), num_views=10, overflow="fewer_slices"))
+    pk3 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(40,), views_per_row=10, overflow="fewer_slices"))
     with pytest.raises(SampleDoesNotFit, match="big.jpg.*max_slice_nums=1"):
         pk3.pack([s])
-
-
-def test_batch_view_budget(proc):
-    a = _chat(proc, [random_image(900, 900, 1)], name="a")  # 5 views
-    b = _chat(proc, [random_image(900, 900, 2)], name="b")
-    cfg = dict(batch_size=2, seq_buckets=(1024,), num_views=8)
-    with pytest.raises(SampleDoesNotFit, match="10 views in the batch > num_views=8"):
-        Packer(proc, PackerConfig(**cfg)).pack([a, b])
-    out = Packer(proc, PackerConfig(**cfg, overflow="fewer_slices")).pack([a, b])
-    assert (out.vision.num_tokens > 0).sum() <= 8
-    assert int(out.visual_mask.sum()) == int((out.input_ids == proc.image_token_id).sum())
 
 
 def test_oversized_view(proc):
     s = _chat(proc, [random_image(5, 4000, 1)], name="strip.png")  # very wide thumbnail
     assert max(h * w for h, w in s.view_grids) > 1152
-    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(4096,), num_views=4, overflow="fewer_slices"))
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(4096,), views_per_row=4, overflow="fewer_slices"))
     with pytest.raises(SampleDoesNotFit, match="strip.png.*tokens_per_view=1152"):
         pk.pack([s])
 
@@ -160,12 +174,12 @@ def test_oversized_view(proc):
 def test_streaming_batches_static_shapes(proc):
     samples = [_chat(proc, [random_image(300 + 50 * i, 400, i)] * (i % 3), name=f"s{i}") for i in range(7)]
     samples.insert(3, _chat(proc, [random_image(1344, 1344, 9)], name="too-many-views"))
-    pk = Packer(proc, PackerConfig(batch_size=3, seq_buckets=(128, 512, 1024), num_views=6))
+    pk = Packer(proc, PackerConfig(batch_size=3, seq_buckets=(128, 512, 1024), views_per_row=6))
     skipped = []
     batches = list(pk.batches(samples, on_skip=lambda s, e: skipped.append((s.name, str(e)))))
     assert [n for n, _ in skipped] == ["too-many-views"] and "10 views > 6" in skipped[0][1]
     shapes = {(b.input_ids.shape, b.vision.patches.shape) for b in batches}
-    assert {s[0][0] for s in shapes} == {3} and {s[1] for s in shapes} == {(6, 1152, 588)}
+    assert {s[0][0] for s in shapes} == {3} and {s[1] for s in shapes} == {(3, 6, 1152, 588)}
     assert {s[0][1] for s in shapes} <= {128, 512, 1024}
     # every kept sample appears once, in order, with all its image tokens placed
     kept = [s for s in samples if s.name != "too-many-views"]
@@ -182,7 +196,7 @@ def test_streaming_batches_static_shapes(proc):
 def test_pack_samples_convenience(proc):
     s = proc(["Look: " + IM], [random_image(448, 448, 1)])
     b = pack_samples(proc, s, seq_buckets=(512,))
-    assert b.vision.patches.shape[0] == 1 and b.input_ids.shape == (1, 512)
+    assert b.vision.patches.shape[:2] == (1, 1) and b.input_ids.shape == (1, 512)
     assert int(b.visual_mask.sum()) == 64
 
 
@@ -194,8 +208,8 @@ def test_vision_arrays_equal_layout_pack_views(proc, mode):
     p = Processor(proc.tokenizer, proc.slice_config.replace(downsample_mode=mode), proc.tokens)
     s = _chat(p, [random_image(900, 1600, 1), random_image(33, 71, 2)])
     cfg = PackerConfig(batch_size=1, seq_buckets=(4096,), tokens_per_view=1160 if mode == "4x" else 1152,
-                       num_views=16)
-    got = Packer(p, cfg).pack([s]).vision
+                       views_per_row=16)
+    got = jax.tree.map(lambda a: a[0], Packer(p, cfg).pack([s]).vision)
     want = pack_views(s.views, patch_size=14, positions_per_side=70, mode=mode, tokens_per_view=cfg.tokens_per_view,
                       num_views=16)
     for f in ("patches", "pos_ids", "num_tokens", "grid"):
@@ -228,7 +242,7 @@ def test_iter_batches_pipeline(proc, tmp_path, workers):
 
     model_dir = make_model_dir(tmp_path / "m")
     recs = _dataset(tmp_path)
-    cfg = PackerConfig(batch_size=2, seq_buckets=(256, 1024), num_views=6)
+    cfg = PackerConfig(batch_size=2, seq_buckets=(256, 1024), views_per_row=6)
     stats = RecordStats()
     batches = list(iter_batches(recs, _request, config=cfg, model_dir=model_dir, num_workers=workers, stats=stats,
                                 chunk_batches=2))
@@ -242,7 +256,7 @@ def test_iter_batches_pipeline(proc, tmp_path, workers):
     for (b, r), s in zip(rows, want):
         np.testing.assert_array_equal(b.input_ids[r][b.attention_mask[r]], s.input_ids)
     for b in batches:
-        assert b.vision.patches.shape == (6, 1152, 588) and b.input_ids.shape[0] == 2
+        assert b.vision.patches.shape == (2, 6, 1152, 588) and b.input_ids.shape[0] == 2
         assert int(b.visual_mask.sum()) == int(((b.input_ids == proc.image_token_id) & b.attention_mask).sum())
     # pixels survive the trip through shared memory
     direct = list(iter_batches(recs, _request, config=cfg, processor=proc, chunk_batches=2))
@@ -257,8 +271,8 @@ def test_bfloat16_patches_and_file_transport(proc, tmp_path):
     from uhd_jax.data.packer import _batch_from_file, _FileArena
 
     s = _chat(proc, [random_image(700, 1000, 1)])
-    f32 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), num_views=6)).pack([s])
-    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), num_views=6, patches_dtype="bfloat16"))
+    f32 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), views_per_row=6)).pack([s])
+    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), views_per_row=6, patches_dtype="bfloat16"))
     arena = _FileArena(str(tmp_path))
     b = pk.pack([s], alloc=arena)
     msg = arena.message(b)

@@ -42,6 +42,6 @@ def test_python_example_runs(tmp_path, monkeypatch):
     logits, out, sample = scope["logits"], scope["out"], scope["sample"]
     assert logits.shape == (1, 1024, 248320)
     n_views = len(sample.views)
-    assert out["vision"]["tokens"].shape[:2] == (10, 1152 // 16) and n_views > 1
+    assert out["vision"]["tokens"].shape[:3] == (1, 10, 1152 // 16) and n_views > 1
     assert np.isfinite(np.asarray(logits[0, : len(sample)])).all()
     assert 0 <= scope["next_token"] < 248320

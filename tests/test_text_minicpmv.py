@@ -46,26 +46,27 @@ def _sample(images, rng, cfg):
     return np.array(ids, np.int64), views, view_tokens
 
 
-def _batch(samples, cfg, seq, num_views, tokens_per_view=64):
-    """The static ModelBatch the packer would build (rows right-padded, views in slot order, one spare slot)."""
+def _batch(samples, cfg, seq, views_per_row, tokens_per_view=64):
+    """The static ModelBatch the packer would build, written independently of it: rows right-padded, each row's
+    views in its own slots [B, views_per_row, ...], visual_index counting the row's flattened visual tokens."""
     b = len(samples)
     ids = np.full((b, seq), 7, np.int32)
     mask = np.zeros((b, seq), bool)
     vindex = np.zeros((b, seq), np.int32)
     vmask = np.zeros((b, seq), bool)
-    all_views, slot = [], 0
+    rows = []
     t_out = tokens_per_view >> (2 * merge_levels(cfg.merger.downsample_mode))
     for r, (s_ids, views, view_tokens) in enumerate(samples):
         ids[r, :len(s_ids)] = s_ids
         mask[r, :len(s_ids)] = True
         starts = np.flatnonzero(np.diff(np.concatenate([[0], (s_ids == cfg.image_token_id).astype(int)])) == 1)
-        for start, n in zip(starts, view_tokens):
+        for slot, (start, n) in enumerate(zip(starts, view_tokens)):
             vindex[r, start:start + n] = slot * t_out + np.arange(n)
             vmask[r, start:start + n] = True
-            slot += 1
-        all_views += views
-    vision = pack_views(all_views, patch_size=PATCH, positions_per_side=cfg.vision.positions_per_side,
-                        mode=cfg.merger.downsample_mode, tokens_per_view=tokens_per_view, num_views=num_views)
+        rows.append(pack_views(views, patch_size=PATCH, positions_per_side=cfg.vision.positions_per_side,
+                               mode=cfg.merger.downsample_mode, tokens_per_view=tokens_per_view,
+                               num_views=views_per_row))
+    vision = jax.tree.map(lambda *a: np.stack(a), *rows)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy()
     return ModelBatch(input_ids=ids, attention_mask=mask, positions=positions, visual_index=vindex, visual_mask=vmask,
                       loss_mask=mask.copy(), vision=vision)
@@ -96,7 +97,7 @@ def test_matches_reference_with_0_1_2_images(setup):
     samples = [_sample([], rng, cfg), _sample(images[:1], rng, cfg), _sample(images[1:], rng, cfg)]
     assert len({len(s[1]) for s in samples}) == 3  # 0, several and several views
     seq = max(len(s[0]) for s in samples) + 3
-    batch = _batch(samples, cfg, seq, num_views=sum(len(s[1]) for s in samples) + 1)
+    batch = _batch(samples, cfg, seq, views_per_row=max(len(s[1]) for s in samples) + 1)
     check_visual_placement(batch, cfg.image_token_id)
 
     model = MiniCPMV(cfg, attention_impl="xla")
@@ -125,15 +126,17 @@ def test_placement_check_raises_clearly(setup):
     rng = np.random.default_rng(1)
     images = _image_inputs([(112, 112)], seed=2)
     s = _sample(images, rng, cfg)
-    good = _batch([s], cfg, len(s[0]) + 2, num_views=2)
+    good = _batch([s], cfg, len(s[0]) + 2, views_per_row=2)
     check_visual_placement(good, cfg.image_token_id)
 
     extra = good.input_ids.copy()
     extra[0, 0] = cfg.image_token_id  # one placeholder more than visual tokens
     with pytest.raises(ValueError, match="1 positions receive|image placeholder"):
         check_visual_placement(good.replace(input_ids=extra), cfg.image_token_id)
-    short = good.replace(vision=good.vision.replace(num_tokens=good.vision.num_tokens // 4 * 0 + 16))
-    with pytest.raises(ValueError, match="yield"):
+    # the view claims 16 patches (1 visual token in 16x) while the ids hold its 4 placeholders
+    assert good.vision.num_tokens[0, 0] == 64
+    short = good.replace(vision=good.vision.replace(num_tokens=np.array([[16, 0]], np.int32)))
+    with pytest.raises(ValueError, match="yield 1 visual tokens"):
         check_visual_placement(short, cfg.image_token_id)
     with pytest.raises(ValueError, match="no images"):
         check_visual_placement(good.replace(vision=None), cfg.image_token_id)

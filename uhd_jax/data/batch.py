@@ -1,9 +1,10 @@
 """The static-shape model batch: text arrays plus the vision arrays, and where visual tokens go.
 
-The vision encoder turns `vision` ([V, T, C*P*P] patches) into visual tokens [V, T_out, D_llm]
-(T_out = T / 4^levels); flattened to [V*T_out, D_llm], token `visual_index[b, s]` is written at
-sequence position (b, s) wherever `visual_mask[b, s]` is True. The host builds and checks these
-indices; nothing data-dependent happens inside `jit`.
+Each row owns its view slots: the vision encoder turns row b's views (`vision.patches[b]`, [Vr, T, C*P*P])
+into visual tokens [Vr, T_out, D_llm] (T_out = T / 4^levels); flattened to [Vr*T_out, D_llm], the row's token
+`visual_index[b, s]` is written at sequence position (b, s) wherever `visual_mask[b, s]` is True. Sharding
+the batch dimension therefore keeps every row with its views. The host builds and checks these indices;
+nothing data-dependent happens inside `jit`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ class ModelBatch:
     """input_ids:     [B, S] int32 token ids (padding: any id, masked by attention_mask).
     attention_mask: [B, S] bool, True for real tokens (left-aligned: real tokens first).
     positions:      [B, S] int32 rope positions (0.. for real tokens, 0 on padding).
-    visual_index:   [B, S] int32 row of the flattened visual tokens to place here (0 where unused).
+    visual_index:   [B, S] int32 index into the row's own flattened visual tokens [Vr*T_out] (0 where unused).
     visual_mask:    [B, S] bool, True at <|image_pad|> positions that receive a visual token.
     loss_mask:      [B, S] bool, True where the token is a training target (assistant turns).
-    vision:         VisionBatch or None for a text-only batch.
+    vision:         VisionBatch with leading dims [B, Vr] (Vr view slots per row), or None for a text-only batch.
     """
 
     input_ids: np.ndarray

@@ -74,12 +74,13 @@ def patchify(view: np.ndarray, patch_size: int) -> np.ndarray:
 
 @flax.struct.dataclass
 class VisionBatch:
-    """Static-shape input of the vision encoder.
+    """Static-shape input of the vision encoder. `...` are the view-slot dims: [V] from `pack_views`, [B, Vr]
+    in a ModelBatch (each row's own slots); the encoder runs all slots as one batch of views.
 
-    patches:    [V, T, C*P*P] float, block order, zero padding.
-    pos_ids:    [V, T] int32 indices into the position table (0 on padding).
-    num_tokens: [V] int32 real patches per view (0 for an empty view slot).
-    grid:       [V, 2] int32 patch grid (h, w) of each view (0, 0 for an empty slot).
+    patches:    [..., T, C*P*P] float, block order, zero padding.
+    pos_ids:    [..., T] int32 indices into the position table (0 on padding).
+    num_tokens: [...] int32 real patches per view (0 for an empty view slot).
+    grid:       [..., 2] int32 patch grid (h, w) of each view (0, 0 for an empty slot).
     mode:       "16x" or "4x" (static: part of the compiled program).
     merger_times: post-ViT merge rounds the layout was made for (static).
     """
@@ -101,7 +102,7 @@ class VisionBatch:
 
     @property
     def tokens_per_view(self) -> int:
-        return self.patches.shape[1]
+        return self.patches.shape[-2]
 
     @property
     def out_tokens_per_view(self) -> int:

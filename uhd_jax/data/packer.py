@@ -1,21 +1,23 @@
 """Processed samples -> the static-shape ModelBatch the model takes.
 
 Shapes come only from the config: [batch_size, S] with S from `seq_buckets` (the smallest that fits the
-longest sample), and [num_views, tokens_per_view, C*P*P] for the vision input. So a run compiles at most
-`len(seq_buckets)` programs.
+longest sample), and [batch_size, views_per_row, tokens_per_view, C*P*P] for the vision input. So a run
+compiles at most `len(seq_buckets)` programs.
 
-Visual-token placement: the encoder turns the views into [num_views, T_out, D] (T_out = tokens_per_view /
-4^levels), flattened to [num_views * T_out, D]. The j-th image token of the k-th view of the batch sits at
-(b, s) with `visual_index[b, s] = k * T_out + j` and `visual_mask[b, s] = True`. Block order (layout.py) makes
-the first `view_token_count` outputs of a view its real tokens, in the reference's row-major order.
+Each row owns its view slots, so splitting the batch dimension over devices (or building rows on different
+hosts) keeps a row and its views together. Visual-token placement is row-local: the encoder turns row b's views
+into [views_per_row, T_out, D] (T_out = tokens_per_view / 4^levels), flattened to [views_per_row * T_out, D];
+the j-th image token of the row's k-th view sits at (b, s) with `visual_index[b, s] = k * T_out + j` and
+`visual_mask[b, s] = True`. Block order (layout.py) makes the first `view_token_count` outputs of a view its
+real tokens, in the reference's row-major order.
 
 Rows hold real tokens first (attention_mask True), then `pad_token_id`; positions count 0.. on real tokens
 and are 0 on padding; loss_mask[b, s] is True where token s itself is a training target (the model shifts).
-Rows beyond the samples given are all padding. View slots beyond the batch's views are zero with
-num_tokens 0. With `num_views=0` batches are text-only (vision None).
+Rows beyond the samples given are all padding. View slots beyond a row's views are zero with num_tokens 0.
+With `views_per_row=0` batches are text-only (vision None).
 
-When a sample does not fit (a view above `tokens_per_view` patches, more views than `num_views`, more tokens
-than the largest bucket), `overflow` decides: "error" raises SampleDoesNotFit naming the sample and the
+When a sample does not fit (a view above `tokens_per_view` patches, more views than `views_per_row`, more
+tokens than the largest bucket), `overflow` decides: "error" raises SampleDoesNotFit naming the sample and the
 reason; "fewer_slices" rebuilds it with a smaller `max_slice_nums` (down to 1: thumbnail only) until it fits,
 and raises if even that does not (fewer slices do not shrink a thumbnail: an extreme-aspect image whose
 thumbnail exceeds `tokens_per_view` needs a larger `tokens_per_view`). Image tokens are never dropped or
@@ -64,7 +66,7 @@ class PackerConfig:
     batch_size: int = 1
     seq_buckets: tuple[int, ...] = (512, 1024, 2048, 4096)
     tokens_per_view: int = 1152  # patches per view slot; 1152 holds every view of images with aspect < 9:1
-    num_views: int = 10  # view slots per batch (0: text-only batches, vision=None)
+    views_per_row: int = 10  # view slots of each row (0: text-only batches, vision=None)
     overflow: str = "error"  # "error" or "fewer_slices"
     positions_per_side: int = 70  # side of the ViT's learned position table
     merger_times: int = 1
@@ -77,6 +79,8 @@ class PackerConfig:
             raise ValueError(f"seq_buckets must be increasing and non-empty, got {self.seq_buckets}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.views_per_row < 0:
+            raise ValueError(f"views_per_row must be >= 0, got {self.views_per_row}")
 
 
 class Packer:
@@ -103,7 +107,7 @@ class Packer:
                 return (f"view {i} has a {h}x{w} patch grid = {h * w} patches > tokens_per_view="
                         f"{c.tokens_per_view} (raise tokens_per_view or lower scale_resolution)")
         if s.num_views > view_budget:
-            return f"{s.num_views} views > {view_budget} view slots (num_views)"
+            return f"{s.num_views} views > {view_budget} view slots per row (views_per_row)"
         if len(s) > c.seq_buckets[-1]:
             return f"{len(s)} tokens > the largest sequence bucket {c.seq_buckets[-1]}"
         return None
@@ -111,7 +115,7 @@ class Packer:
     def fit(self, s: Sample, view_budget: int | None = None) -> Sample:
         """Returns `s`, or `s` rebuilt with fewer slices ("fewer_slices"), so that it fits one batch alone;
         raises SampleDoesNotFit (naming the sample and the reason) otherwise."""
-        view_budget = self.config.num_views if view_budget is None else view_budget
+        view_budget = self.config.views_per_row if view_budget is None else view_budget
         why = self._problem(s, view_budget)
         if why is None:
             return s
@@ -134,8 +138,8 @@ class Packer:
         raise SampleDoesNotFit(f"{length} tokens > the largest sequence bucket {self.config.seq_buckets[-1]}")
 
     def pack(self, samples: Sequence[Sample], *, alloc: Callable[[list], dict] | None = None) -> ModelBatch:
-        """One ModelBatch of `batch_size` rows (missing rows are all padding). Applies the overflow policy to
-        samples that do not fit; several samples that fit alone but not together raise (use `batches`).
+        """One ModelBatch of `batch_size` rows (missing rows are all padding); sample i is row i with its views
+        in that row's slots. Applies the overflow policy to samples that do not fit.
 
         `alloc(specs)`, specs a list of (name, shape, dtype), returns zero-filled arrays by name (default:
         np.zeros); the worker pool uses it to pack straight into shared memory."""
@@ -143,29 +147,19 @@ class Packer:
         if len(samples) > c.batch_size:
             raise ValueError(f"{len(samples)} samples > batch_size={c.batch_size}")
         samples = [self.fit(s) for s in samples]
-        total_views = sum(s.num_views for s in samples)
-        if total_views > c.num_views:
-            if c.overflow == "fewer_slices":
-                samples = self._shrink_together(samples)
-            else:
-                names = ", ".join(s.name for s in samples)
-                raise SampleDoesNotFit(f"{total_views} views in the batch > num_views={c.num_views} ({names})")
-        if c.num_views == 0 and any(s.num_views for s in samples):
-            raise SampleDoesNotFit("num_views=0 (text-only batches) but the batch has images")
         S = self.bucket(max((len(s) for s in samples), default=1))
-        B, V, T = c.batch_size, c.num_views, c.tokens_per_view
+        B, V, T = c.batch_size, c.views_per_row, c.tokens_per_view
         pdim = 3 * self.patch_size**2
         specs = [(f, (B, S), np.int32 if f in ("input_ids", "positions", "visual_index") else np.bool_)
                  for f in _BATCH_FIELDS]
         if V > 0:
-            specs += [("vision.patches", (V, T, pdim), _dtype(c.patches_dtype)),
-                      ("vision.pos_ids", (V, T), np.int32), ("vision.num_tokens", (V,), np.int32),
-                      ("vision.grid", (V, 2), np.int32)]
+            specs += [("vision.patches", (B, V, T, pdim), _dtype(c.patches_dtype)),
+                      ("vision.pos_ids", (B, V, T), np.int32), ("vision.num_tokens", (B, V), np.int32),
+                      ("vision.grid", (B, V, 2), np.int32)]
         arr = (alloc or _zeros)(specs)
         input_ids = arr["input_ids"]
         input_ids[...] = self.processor.pad_token_id
         T_out = self.out_tokens_per_view
-        slot = 0
         for b, s in enumerate(samples):
             L = len(s)
             input_ids[b, :L] = s.input_ids
@@ -174,11 +168,10 @@ class Packer:
             arr["loss_mask"][b, :L] = s.loss_mask
             runs = check_placeholders(s.input_ids, s.view_grids, self.processor.image_token_id, self.mode, s.name,
                                       c.merger_times)
-            for (start, n), v in zip(runs, s.views):
+            for slot, ((start, n), v) in enumerate(zip(runs, s.views)):
                 arr["visual_index"][b, start:start + n] = slot * T_out + np.arange(n, dtype=np.int32)
                 arr["visual_mask"][b, start:start + n] = True
-                self._put_view(arr, slot, v, s.name)
-                slot += 1
+                self._put_view(arr, b, slot, v, s.name)
         vision = None
         if V > 0:
             vision = VisionBatch(patches=arr["vision.patches"], pos_ids=arr["vision.pos_ids"],
@@ -186,34 +179,21 @@ class Packer:
                                  merger_times=c.merger_times)
         return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
 
-    def _put_view(self, arr, slot: int, view: np.ndarray, name: str):
-        """Writes one view into slot `slot` in place (no second copy of the batch)."""
+    def _put_view(self, arr, row: int, slot: int, view: np.ndarray, name: str):
+        """Writes one view into view slot `slot` of row `row`, in place (no second copy of the batch)."""
         try:
-            write_view(arr["vision.patches"], arr["vision.pos_ids"], arr["vision.num_tokens"], arr["vision.grid"],
-                       slot, view, patch_size=self.patch_size, levels=self.levels,
+            write_view(arr["vision.patches"][row], arr["vision.pos_ids"][row], arr["vision.num_tokens"][row],
+                       arr["vision.grid"][row], slot, view, patch_size=self.patch_size, levels=self.levels,
                        positions_per_side=self.config.positions_per_side)
         except ValueError as e:
-            raise ValueError(f"{name}: view in slot {slot}: {e}") from None
-
-    def _shrink_together(self, samples: list[Sample]) -> list[Sample]:
-        samples = list(samples)
-        while sum(s.num_views for s in samples) > self.config.num_views:
-            i = max(range(len(samples)), key=lambda k: (samples[k].num_views, -k))
-            s = samples[i]
-            if s.max_slice_nums <= 1 or s.request is None or s.num_views <= len(s.plans):
-                names = ", ".join(x.name for x in samples)
-                raise SampleDoesNotFit(f"{sum(x.num_views for x in samples)} views > num_views="
-                                       f"{self.config.num_views} even with fewer slices ({names})")
-            samples[i] = self.processor.build(s.request, max_slice_nums=s.max_slice_nums - 1)
-        return samples
+            raise ValueError(f"{name}: view in row {row}, slot {slot}: {e}") from None
 
     def batches(self, samples: Iterable[Sample], *, on_skip: Callable[[Sample, Exception], None] | None = None,
                 alloc: Callable[[list], dict] | None = None) -> Iterator[ModelBatch]:
-        """Greedy streaming batcher: fills a batch in order until the next sample would exceed batch_size or
-        num_views, then emits it. A sample that does not fit alone raises, or with `on_skip` is reported there
-        and skipped (counted by the caller; its image tokens are never silently dropped)."""
+        """Streaming batcher: `batch_size` samples per batch, in order (the last one may have padding rows). A
+        sample that does not fit raises, or with `on_skip` is reported there and skipped (counted by the caller;
+        its image tokens are never silently dropped)."""
         cur: list[Sample] = []
-        views = 0
         for s in samples:
             try:
                 s = self.fit(s)
@@ -222,20 +202,19 @@ class Packer:
                     raise
                 on_skip(s, e)
                 continue
-            if cur and (len(cur) == self.config.batch_size or views + s.num_views > self.config.num_views):
-                yield self.pack(cur, alloc=alloc)
-                cur, views = [], 0
             cur.append(s)
-            views += s.num_views
+            if len(cur) == self.config.batch_size:
+                yield self.pack(cur, alloc=alloc)
+                cur = []
         if cur:
             yield self.pack(cur, alloc=alloc)
 
 
 def pack_samples(processor: Processor, samples: Sequence[Sample], **config) -> ModelBatch:
     """Convenience: one ModelBatch from samples, sizes from `config` (PackerConfig fields); by default
-    batch_size = len(samples) and num_views = the samples' total views."""
+    batch_size = len(samples) and views_per_row = the most views of any sample."""
     config.setdefault("batch_size", max(1, len(samples)))
-    config.setdefault("num_views", sum(s.num_views for s in samples))
+    config.setdefault("views_per_row", max((s.num_views for s in samples), default=0))
     return Packer(processor, PackerConfig(**config)).pack(samples)
 
 
@@ -370,8 +349,7 @@ def iter_batches(records: Iterable, make_request: Callable, *, config: PackerCon
     """Records -> static-shape ModelBatches, in record order.
 
     `make_request(record) -> SampleRequest` (a top-level function when `num_workers > 0`). Records are taken in
-    chunks of `chunk_batches * batch_size`; each chunk is processed and packed greedily (a chunk may give more
-    than one batch when the view budget is reached; no sample is dropped for that). A record that fails
+    chunks of `chunk_batches * batch_size`; each chunk is processed and packed `batch_size` samples at a time. A record that fails
     (unreadable image, bad text, does not fit even after the overflow policy) is skipped and recorded in
     `stats` (image_io.RecordStats: index, path, reason) unless `strict`, which raises.
 

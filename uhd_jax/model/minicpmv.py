@@ -1,9 +1,10 @@
 """MiniCPM-V 4.6 / LLaVA-UHD v4: vision encoder -> visual tokens placed at the image placeholders -> LLM.
 
 Parameters: {"vision": VisionEncoder tree, "text": TextModel tree} (the converter's layout). The placement is
-static-shape: the vision encoder emits [V, T_out, D] tokens, flattened to [V * T_out, D], and sequence
-position (b, s) takes row `visual_index[b, s]` wherever `visual_mask[b, s]`. The host builds those indices
-(`uhd_jax.data.packer`) and `check_visual_placement` verifies them before anything runs on the device.
+static-shape and row-local: the vision encoder runs the views of all rows as one batch and emits [B, Vr, T_out, D]
+tokens; row b's are flattened to [Vr * T_out, D] and sequence position (b, s) takes entry `visual_index[b, s]`
+wherever `visual_mask[b, s]`. The host builds those indices (`uhd_jax.data.packer`) and `check_visual_placement`
+verifies them before anything runs on the device.
 Decoding continues with the text model alone: `model.text_model().apply({"params": params["text"]}, ...,
 cache=cache, decode=True)`.
 """
@@ -26,9 +27,9 @@ Dtype = Any
 
 
 def check_visual_placement(batch: ModelBatch, image_token_id: int) -> None:
-    """Host-side: every real <|image_pad|> position receives exactly one valid visual token and every valid
-    visual token is placed once. Raises ValueError listing every mismatch (the reference raises "Multimodal
-    features and tokens do not match" only after running the vision tower)."""
+    """Host-side: every real <|image_pad|> position receives exactly one valid visual token of its own row's views,
+    and every valid visual token is placed once. Raises ValueError listing every mismatch (the reference raises
+    "Multimodal features and tokens do not match" only after running the vision tower)."""
     ids = np.asarray(batch.input_ids)
     real = np.asarray(batch.attention_mask, bool)
     vmask = np.asarray(batch.visual_mask, bool)
@@ -48,29 +49,41 @@ def check_visual_placement(batch: ModelBatch, image_token_id: int) -> None:
             problems.append(f"{int(vmask.sum())} positions expect visual tokens but the batch has no images")
     else:
         v = batch.vision
+        num_tokens = np.asarray(v.num_tokens)
+        if num_tokens.shape[:1] != ids.shape[:1] or num_tokens.ndim != 2:
+            raise ValueError(f"vision arrays must have leading dims [batch, views_per_row] = [{ids.shape[0]}, Vr], "
+                             f"got num_tokens of shape {list(num_tokens.shape)}")
         t_out = v.out_tokens_per_view
-        per_view = np.asarray(v.num_tokens) // v.patches_per_token
-        n_tokens = int(per_view.sum())
-        used = vindex[vmask]
-        if len(used) != n_tokens:
-            problems.append(f"{len(used)} image placeholder positions but the {int((per_view > 0).sum())} views "
-                            f"yield {n_tokens} visual tokens")
-        slot, j = used // t_out, used % t_out
-        bad = (used < 0) | (slot >= len(per_view))
-        bad[~bad] |= j[~bad] >= per_view[slot[~bad]]
-        if bad.any():
-            problems.append(f"{int(bad.sum())} visual_index entries point at padding or past the views "
-                            f"(e.g. {used[bad][:5].tolist()})")
-        if len(np.unique(used)) != len(used):
-            problems.append("some visual tokens are placed more than once")
+        per_view = num_tokens // v.patches_per_token  # [B, Vr]
+        for b in range(ids.shape[0]):
+            n_tokens = int(per_view[b].sum())
+            used = vindex[b][vmask[b]]
+            if len(used) != n_tokens:
+                problems.append(f"row {b}: {len(used)} image placeholder positions but its "
+                                f"{int((per_view[b] > 0).sum())} views yield {n_tokens} visual tokens")
+            slot, j = used // t_out, used % t_out
+            bad = (used < 0) | (slot >= per_view.shape[1])
+            bad[~bad] |= j[~bad] >= per_view[b, slot[~bad]]
+            if bad.any():
+                problems.append(f"row {b}: {int(bad.sum())} visual_index entries point at padding or past the "
+                                f"row's views (e.g. {used[bad][:5].tolist()})")
+            if len(np.unique(used)) != len(used):
+                problems.append(f"row {b}: some visual tokens are placed more than once")
     if problems:
         raise ValueError("visual token placement does not match the placeholders:\n  " + "\n  ".join(problems))
+
+
+def gather_visual_tokens(tokens, visual_index):
+    """tokens [B, Vr, T_out, D] (each row's own views) -> [B, S, D]: at (b, s) row b's token `visual_index[b, s]`
+    of its views flattened to [Vr * T_out, D]. A per-row gather, so a batch-sharded input needs no communication."""
+    b, vr, t_out, d = tokens.shape
+    return jnp.take_along_axis(tokens.reshape(b, vr * t_out, d), visual_index[..., None].astype(jnp.int32), axis=1)
 
 
 class MiniCPMV(nn.Module):
     """ModelBatch -> (logits [B, S, V] (or [B, 1, V] with last_logits_only; None with compute_logits=False), out).
 
-    out: "vision" (the encoder's intermediates, with "tokens" [V, T_out, D]) and the text model's intermediates
+    out: "vision" (the encoder's intermediates, with "tokens" [B, Vr, T_out, D]) and the text model's intermediates
     ("embeds" after placement, "layer_XX", "norm", and "cache" when a cache is passed)."""
 
     config: ModelConfig
@@ -92,13 +105,16 @@ class MiniCPMV(nn.Module):
         out = {}
         placed = None
         if batch.vision is not None:
+            slots, rows = batch.vision.num_tokens.shape, batch.input_ids.shape[0]
+            if len(slots) != 2 or slots[0] != rows:
+                raise ValueError(f"ModelBatch.vision must hold each row's own view slots, [batch={rows}, "
+                                 f"views_per_row, ...]; got num_tokens of shape {list(slots)}")
             tokens, _, out["vision"] = VisionEncoder(self.config, self.dtype, self.param_dtype,
                                                      attn_impl=self.attention_impl,
                                                      remat=self.remat_policy if self.vision_remat_policy is None
                                                      else self.vision_remat_policy, unroll=self.unroll,
                                                      name="vision")(batch.vision)
-            flat = tokens.reshape(-1, tokens.shape[-1])
-            placed = jnp.take(flat, jnp.asarray(batch.visual_index), axis=0)
+            placed = gather_visual_tokens(tokens, jnp.asarray(batch.visual_index))
         text = TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
                          attention_impl=self.attention_impl, chunk=self.chunk, scan_unroll=self.unroll, name="text")
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),

@@ -187,8 +187,10 @@ class VisionTower(nn.Module):
 class VisionEncoder(nn.Module):
     """VisionBatch -> visual tokens for the LLM.
 
-    Returns `(tokens [V, T_out, D_llm], valid [V, T_out] bool, out)`, T_out = T / 4^levels; invalid
-    (padding) rows of `tokens` are zero. `out` holds named intermediates for layer-by-layer checks.
+    Returns `(tokens [..., T_out, D_llm], valid [..., T_out] bool, out)`, T_out = T / 4^levels, `...` the
+    batch's view-slot dims ([V], or [B, Vr] for a ModelBatch); all slots run as one batch of views. Invalid
+    (padding) rows of `tokens` are zero. `out` holds named intermediates (per view, [n_views, ...]) for
+    layer-by-layer checks.
     """
 
     config: ModelConfig
@@ -210,13 +212,19 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"tokens_per_view={batch.tokens_per_view} is not a multiple of {unit} "
                              f"({batch.mode} mode)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        patches = batch.patches.astype(self.dtype)
-        num_tokens = batch.num_tokens.astype(jnp.int32)
+        slots = batch.num_tokens.shape  # the view-slot dims
+        t = batch.tokens_per_view
+        patches = batch.patches.reshape((-1, t, batch.patches.shape[-1])).astype(self.dtype)
+        num_tokens = batch.num_tokens.reshape(-1).astype(jnp.int32)
+        patches = nn.with_logical_constraint(patches, ("activation_views", "activation_length", "activation_embed"))
         x, out = VisionTower(cfg.vision, attn_impl=self.attn_impl, remat=self.remat,
                              collect_layers=self.collect_layers, unroll=self.unroll, name="vision_tower", **kw)(
-            patches, batch.pos_ids, num_tokens, batch.mode)
+            patches, batch.pos_ids.reshape(-1, t), num_tokens, batch.mode)
         tokens = Merger(cfg.merger.merger_times, cfg.text.hidden_size, name="merger", **kw)(x)
         valid = jnp.arange(tokens.shape[1])[None, :] < (num_tokens // unit)[:, None]
         tokens = jnp.where(valid[..., None], tokens, 0)
+        tokens = nn.with_logical_constraint(tokens, ("activation_views", "activation_length", "activation_embed"))
+        tokens = tokens.reshape(slots + tokens.shape[1:])
+        valid = valid.reshape(slots + valid.shape[1:])
         out["tokens"] = tokens
         return tokens, valid, out
