@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.text_ref_utils import rel_err
+from tests.text_ref_utils import reference_llm, rel_err, text_params_from_torch
 from uhd_jax.config import tiny_config
+from uhd_jax.convert import mapping
 from uhd_jax.model.gated_deltanet import (ChunkOptions, GatedDeltaNet, chunk_gated_delta_rule, init_deltanet_cache,
                                           recurrent_gated_delta_rule, unit_lower_inverse)
 
@@ -114,3 +115,41 @@ def test_bf16_operands_close_to_float32(state_pass, solver):
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     assert rel_err(out.astype(jnp.float32), want) < 2e-2
     assert rel_err(state, want_state) < 2e-2
+
+
+
+@pytest.mark.parametrize("hk,hv,shards", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (2, 2, 2)])
+def test_qkv_channels_shard_by_key_head(hk, hv, shards):
+    """A contiguous 1/t of in_proj_qkv's and the conv kernel's channels (what tensor parallelism gives one device)
+    computes exactly the q, k of its key heads and the v of their value heads, as the reference computes them;
+    in the converter's layout and in the test mapping's."""
+    cfg = tiny_config()
+    cfg = cfg.replace(text=cfg.text.replace(linear_num_key_heads=hk, linear_num_value_heads=hv))
+    t = cfg.text
+    dk, dv, ksize, g = t.linear_key_head_dim, t.linear_value_head_dim, t.linear_conv_kernel_dim, hv // hk
+    model = reference_llm(t)
+    ref = model.model.layers[0].linear_attn
+    x = torch.randn(2, 11, t.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the reference's q|k|v after the causal depthwise conv and SiLU: [B, S, C], HF order
+        mixed = ref.conv1d(ref.in_proj_qkv(x).transpose(1, 2))[..., :x.shape[1]]
+        mixed = torch.nn.functional.silu(mixed).transpose(1, 2).numpy()
+    q, k, v = mixed[..., :hk * dk], mixed[..., hk * dk:2 * hk * dk], mixed[..., 2 * hk * dk:]
+
+    w_hf, conv_hf = ref.in_proj_qkv.weight.detach().numpy(), ref.conv1d.weight.detach().numpy()
+    test_map = text_params_from_torch(model.state_dict(), t)["layers"]["layer_0"]["linear_attn"]
+    layouts = {"converter": (mapping.QKV_LINEAR.to_ours(w_hf, cfg), mapping.QKV_CONV1D.to_ours(conv_hf, cfg)),
+               "test mapping": (test_map["in_proj_qkv"]["kernel"][0], test_map["conv_kernel"][0])}
+    xs = x.numpy().astype(np.float64)
+    for name, (kernel, conv) in layouts.items():
+        assert kernel.shape == (t.hidden_size, hk * (2 * dk + g * dv)) and conv.shape == (ksize, kernel.shape[1])
+        width, heads = kernel.shape[1] // shards, hk // shards
+        for i in range(shards):
+            cols = slice(i * width, (i + 1) * width)  # this device's channels only
+            y = xs @ kernel[:, cols].astype(np.float64)
+            y = np.pad(y, ((0, 0), (ksize - 1, 0), (0, 0)))
+            y = sum(y[:, j:j + x.shape[1]] * conv[j, cols] for j in range(ksize))
+            y = y / (1 + np.exp(-y))
+            want = []
+            for h in range(i * heads, (i + 1) * heads):
+                want += [q[..., h * dk:(h + 1) * dk], k[..., h * dk:(h + 1) * dk], v[..., h * g * dv:(h + 1) * g * dv]]
+            assert rel_err(y, np.concatenate(want, -1)) < 1e-5, (name, i)

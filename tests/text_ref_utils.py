@@ -45,6 +45,20 @@ def _t(x) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
+def per_key_head(w: np.ndarray, cfg: TextConfig) -> np.ndarray:
+    """DeltaNet fused channels on axis 0, HF order (all q | all k | all v) -> ours: per key head i, q_i, k_i,
+    then the value heads i*g .. i*g+g-1 (g = Hv / Hk) that key head serves."""
+    hk, hv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)
+    g = hv // hk
+    q, k, v = w[:hk * dk], w[hk * dk:2 * hk * dk], w[2 * hk * dk:]
+    groups = []
+    for i in range(hk):
+        groups += [q[i * dk:(i + 1) * dk], k[i * dk:(i + 1) * dk]]
+        groups += [v[j * dv:(j + 1) * dv] for j in range(i * g, (i + 1) * g)]
+    return np.concatenate(groups)
+
+
 def text_params_from_torch(state_dict: dict, cfg: TextConfig, prefix: str = "model.", lm_head: str = "lm_head.weight"):
     """Reference state dict -> our TextModel parameter tree (plain arrays, layers stacked per scanned block)."""
     sd = {k: _t(v) for k, v in state_dict.items()}
@@ -59,9 +73,9 @@ def text_params_from_torch(state_dict: dict, cfg: TextConfig, prefix: str = "mod
         if cfg.layer_types[l] == "linear_attention":
             a = p + "linear_attn."
             out["linear_attn"] = {
-                **{n: {"kernel": sd[f"{a}{n}.weight"].T} for n in
-                   ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")},
-                "conv_kernel": sd[a + "conv1d.weight"][:, 0, :].T,
+                **{n: {"kernel": sd[f"{a}{n}.weight"].T} for n in ("in_proj_z", "in_proj_b", "in_proj_a", "out_proj")},
+                "in_proj_qkv": {"kernel": per_key_head(sd[a + "in_proj_qkv.weight"], cfg).T},
+                "conv_kernel": per_key_head(sd[a + "conv1d.weight"][:, 0, :], cfg).T,
                 "A_log": sd[a + "A_log"], "dt_bias": sd[a + "dt_bias"],
                 "norm": {"scale": sd[a + "norm.weight"]},
             }

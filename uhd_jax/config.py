@@ -228,6 +228,9 @@ class TextConfig:
                  f"{self.num_attention_heads} query heads are not a multiple of {self.num_key_value_heads}")
         _require(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim, p + "partial_rotary_factor",
                  f"gives rotary dim {self.rotary_dim} for head_dim {self.head_dim}")
+        _require(not self.is_hybrid or self.linear_num_value_heads % self.linear_num_key_heads == 0,
+                 p + "linear_num_value_heads", f"{self.linear_num_value_heads} value heads are not a multiple of "
+                 f"{self.linear_num_key_heads} key heads")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ A row yields an entry only where the model has that parameter, so layer types, b
 follow the model code. Nothing is silently lost: a checkpoint tensor no entry consumes and a parameter no
 entry fills are both reported (`check_source`, `build_plan`).
 
-Transforms are exact (transposes and reshapes), so HF -> ours -> HF is bit-exact.
+Transforms are exact (transposes, reshapes, channel permutations), so HF -> ours -> HF is bit-exact.
 """
 
 from __future__ import annotations
@@ -146,7 +146,38 @@ class DepthwiseConv1d(Identity):
         return (shape[1], 1, shape[0])
 
 
+class KeyHeadGrouped(Identity):
+    """`base` (Linear or DepthwiseConv1d) on the Gated DeltaNet's fused q|k|v channels, which HF orders all q |
+    all k | all v and we group per key head (`gated_deltanet.qkv_hf_order`). The channels are the HF tensor's
+    axis 0 and our parameter's last axis."""
+
+    def __init__(self, base: Identity):
+        self.base, self.name = base, f"key_head_grouped_{base.name}"
+
+    @staticmethod
+    def order(cfg) -> np.ndarray:
+        from uhd_jax.model.gated_deltanet import qkv_hf_order  # the model owns its layout
+
+        return qkv_hf_order(cfg.text)
+
+    def to_ours(self, a, cfg):
+        return self.base.to_ours(a, cfg)[..., self.order(cfg)]
+
+    def to_hf(self, a, cfg):
+        return self.base.to_hf(a[..., np.argsort(self.order(cfg))], cfg)
+
+    def hf_shape(self, shape, cfg):
+        return self.base.hf_shape(shape, cfg)
+
+    def into_ours(self, dst, a, cfg):
+        self.base.into_ours(dst, a[self.order(cfg)], cfg)
+
+    def hf_array(self, a, cfg, dtype=None):
+        return self.base.hf_array(a[..., np.argsort(self.order(cfg))], cfg, dtype)
+
+
 IDENTITY, LINEAR, PATCH_CONV, CONV1D = Identity(), Linear(), PatchConv(), DepthwiseConv1d()
+QKV_LINEAR, QKV_CONV1D = KeyHeadGrouped(LINEAR), KeyHeadGrouped(CONV1D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +241,11 @@ RULES = (
     _rule("text", LM + ".layers.{llm}.self_attn.{proj}.bias", "{llm}/self_attn/{proj}/bias",
           proj=("q_proj", "k_proj", "v_proj", "o_proj")),  # attention_bias only
     _rule("text", LM + ".layers.{llm}.self_attn.{n}.weight", "{llm}/self_attn/{n}/scale", n=("q_norm", "k_norm")),
+    _rule("text", LM + ".layers.{llm}.linear_attn.in_proj_qkv.weight", "{llm}/linear_attn/in_proj_qkv/kernel",
+          QKV_LINEAR),
     _rule("text", LM + ".layers.{llm}.linear_attn.{proj}.weight", "{llm}/linear_attn/{proj}/kernel", LINEAR,
-          proj=("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")),
-    _rule("text", LM + ".layers.{llm}.linear_attn.conv1d.weight", "{llm}/linear_attn/conv_kernel", CONV1D),
+          proj=("in_proj_z", "in_proj_b", "in_proj_a", "out_proj")),
+    _rule("text", LM + ".layers.{llm}.linear_attn.conv1d.weight", "{llm}/linear_attn/conv_kernel", QKV_CONV1D),
     _rule("text", LM + ".layers.{llm}.linear_attn.{p}", "{llm}/linear_attn/{p}", p=("A_log", "dt_bias")),
     _rule("text", LM + ".layers.{llm}.linear_attn.norm.weight", "{llm}/linear_attn/norm/scale"),
 )

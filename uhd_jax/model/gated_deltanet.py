@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from uhd_jax.model.layers import Dense
 from uhd_jax.parallel.axes import with_axes
@@ -204,8 +205,24 @@ class GatedRMSNorm(nn.Module):
         return (y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))).astype(self.dtype)
 
 
+def qkv_hf_order(config) -> np.ndarray:
+    """Our fused q|k|v channel layout as indices into Hugging Face's: our channel c is HF channel order[c].
+
+    HF concatenates all q heads | all k heads | all v heads. We group per key head i: [q_i (Dk), k_i (Dk),
+    v_{i*g} .. v_{(i+1)*g-1} (g = Hv/Hk value heads of Dv each)], C = Hk * (2 Dk + g Dv) channels, so a
+    contiguous 1/t of the channels (t dividing Hk) holds whole key heads with their own value heads and
+    tensor parallelism can split the channel dim. in_proj_qkv, the conv kernel and the conv cache use it.
+    """
+    hk, hv, dk, dv = (config.linear_num_key_heads, config.linear_num_value_heads, config.linear_key_head_dim,
+                      config.linear_value_head_dim)
+    q = np.arange(hk * dk).reshape(hk, dk)
+    v = 2 * hk * dk + np.arange(hv * dv).reshape(hk, (hv // hk) * dv)  # key head i serves value heads i*g..
+    return np.concatenate([q, hk * dk + q, v], axis=1).reshape(-1)
+
+
 def init_deltanet_cache(config, batch: int, dtype=jnp.float32) -> dict:
-    """conv: the last K-1 inputs of the causal conv [B, K-1, C]; state: [B, Hv, Dk, Dv] float32."""
+    """conv: the last K-1 inputs of the causal conv [B, K-1, C] (channels grouped per key head, `qkv_hf_order`);
+    state: [B, Hv, Dk, Dv] float32."""
     conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim \
         + config.linear_num_value_heads * config.linear_value_head_dim
     return {"conv": jnp.zeros((batch, config.linear_conv_kernel_dim - 1, conv_dim), dtype),
@@ -227,7 +244,8 @@ class ChunkOptions:
 class GatedDeltaNet(nn.Module):
     """x [B, S, D] -> [B, S, D]. `decode=True`: S == 1 and `cache` holds the conv and recurrent states.
 
-    Parameters follow the reference one to one (conv kernel stored [K, C]).
+    Parameters are the reference's, except that in_proj_qkv's output channels and the conv kernel [K, C] are
+    grouped per key head (`qkv_hf_order`), so the channel dim shards over whole heads.
     """
 
     config: Any  # TextConfig
@@ -278,9 +296,9 @@ class GatedDeltaNet(nn.Module):
                 new_conv = jnp.take_along_axis(padded, idx[..., None], axis=1)
         conv = nn.silu(conv).astype(self.dtype)
 
-        q = conv[..., :kdim].reshape(bsz, s, hk, dk)
-        k = conv[..., kdim:2 * kdim].reshape(bsz, s, hk, dk)
-        v = conv[..., 2 * kdim:].reshape(bsz, s, hv, dv)
+        conv = conv.reshape(bsz, s, hk, conv_dim // hk)  # per key head: [q_i, k_i, its g value heads]
+        q, k = conv[..., :dk], conv[..., dk:2 * dk]
+        v = conv[..., 2 * dk:].reshape(bsz, s, hv, dv)
         beta = nn.sigmoid(b)
         g = -jnp.exp(a_log.astype(jnp.float32)) * nn.softplus(a.astype(jnp.float32) + dt_bias.astype(jnp.float32))
         if mask is not None:
