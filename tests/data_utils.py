@@ -126,6 +126,22 @@ def reference_views(pixel_values: np.ndarray, target_sizes, patch_size: int = 14
     return out
 
 
+def reference_plan(ref, h, w, mode, slice_mode, msn, scale_resolution=448):
+    """The reference image processor `ref`'s own _preprocess with the pixel work stubbed out: (grid, target_sizes)
+    for an image of any size, instantly."""
+    img = np.broadcast_to(np.zeros((3, 1, 1), np.uint8), (3, h, w))
+    orig = ref.resize
+    ref.resize = lambda image, size, resample=None, **k: np.zeros((3, size.height, size.width), np.uint8)
+    try:
+        out = ref._preprocess([img], do_resize=True, resample=ref.resample, do_rescale=False, rescale_factor=1.0,
+                              do_normalize=False, image_mean=None, image_std=None, max_slice_nums=msn,
+                              scale_resolution=scale_resolution, patch_size=14, slice_mode=slice_mode,
+                              downsample_mode=mode)
+    finally:
+        ref.resize = orig
+    return out["grids"][0], out["target_sizes"].tolist()
+
+
 def random_image(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     """A cheap non-trivial test image: smooth gradients plus a little noise (size h x w)."""
     rs = np.random.RandomState(seed)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.data_utils import make_model_dir, random_image, reference_processor, reference_views
-from uhd_jax.data.layout import view_token_count
+from tests.data_utils import (make_model_dir, random_image, reference_image_processor, reference_plan,
+                              reference_processor, reference_views)
 from uhd_jax.data.processor import Processor, check_placeholders
 
 IM = "<|image_pad|>"
@@ -97,12 +97,12 @@ def test_text_only_batch(ref, proc):
 
 
 def test_slice_rows_layout(proc):
+    # 900x1600 at scale_resolution 448, by hand: 1.44M px / 448^2 = 7.2 -> 8 slices -> 2x4 is the grid whose aspect
+    # is nearest 16:9; thumbnail 336x616 px = 24x44 patches = 66 tokens; slices 448x448 px = 32x32 = 64 tokens each
     (s,) = proc([IM], [random_image(900, 1600, 1)])
-    p = s.plans[0]
-    rows, cols = p.grid
-    n0, n1 = p.view_tokens[0], p.view_tokens[1]
-    row = ("<slice>" + IM * n1 + "</slice>") * cols
-    want = "<image_id>0</image_id><image>" + IM * n0 + "</image>" + "\n".join([row] * rows)
+    assert s.plans[0].grid == (2, 4)
+    row = ("<slice>" + IM * 64 + "</slice>") * 4
+    want = "<image_id>0</image_id><image>" + IM * 66 + "</image>" + "\n".join([row] * 2)
     assert s.text == want
 
 
@@ -186,27 +186,48 @@ def test_chat_matches_reference_ids(ref, proc):
 def test_check_placeholders(proc):
     (s,) = proc([IM], [random_image(900, 1600, 1)])
     runs = check_placeholders(s.input_ids, s.view_grids, proc.image_token_id, "16x")
-    assert [n for _, n in runs] == [view_token_count(h, w, "16x") for h, w in s.view_grids]
+    assert [n for _, n in runs] == [66] + [64] * 8  # the hand count of test_slice_rows_layout
+    assert runs == [(int(a), int(n)) for a, n in _runs(s.input_ids == proc.image_token_id)]
     bad = s.input_ids.copy()
     bad[runs[1][0]] = 0  # one pad token lost
     with pytest.raises(ValueError, match="image tokens"):
         check_placeholders(bad, s.view_grids, proc.image_token_id, "16x")
+    with pytest.raises(ValueError, match="runs of image tokens"):
+        check_placeholders(s.input_ids, s.view_grids[:-1], proc.image_token_id, "16x")
+
+
+def _runs(mask):
+    """(start, length) of the runs of True, by a plain loop."""
+    out, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i - start))
+            start = None
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_image_processor():
+    return reference_image_processor()
 
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(h=st.integers(1, 10000), w=st.integers(1, 10000), mode=st.sampled_from(["16x", "4x"]),
        msn=st.integers(1, 12))
-def test_placeholder_count_property(proc, h, w, mode, msn):
-    """For any size: the tokenized prompt holds, per view, exactly the tokens the model emits for it."""
+def test_placeholder_count_property(proc, ref_image_processor, h, w, mode, msn):
+    """For any size: the tokenized prompt holds one run of image tokens per view of the reference's plan, each
+    of h*w/16 (16x) or h*w/4 (4x) tokens for the reference's patch grid h x w."""
     p = proc.__class__(proc.tokenizer, proc.slice_config.replace(downsample_mode=mode, max_slice_nums=msn),
                        proc.tokens)
     plan = p.plan((h, w))
     assert plan.num_views <= 1 + msn
-    text = p.expand_text("look: " + IM + " ok", [plan])
-    ids, _ = p.encode(text)
-    runs = check_placeholders(ids, plan.target_sizes, p.image_token_id, mode)
-    assert sum(n for _, n in runs) == sum(view_token_count(a, b, mode) for a, b in plan.target_sizes)
+    ids, _ = p.encode(p.expand_text("look: " + IM + " ok", [plan]))
+    _, ref_sizes = reference_plan(ref_image_processor, h, w, mode, True, msn)
+    d = {"16x": 16, "4x": 4}[mode]
+    assert [n for _, n in _runs(ids == p.image_token_id)] == [a * b // d for a, b in ref_sizes]
 
 
 def test_file_paths_match_reference_loader(ref, proc, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.data_utils import random_image, reference_image_processor, reference_views
+from tests.data_utils import random_image, reference_image_processor, reference_plan, reference_views
 from uhd_jax.data.layout import block_order, merge_levels, view_token_count
 from uhd_jax.data.slicer import (SliceConfig, ensure_divide, normalize_image, normalize_table, plan_slices,
                                  slice_image)
@@ -69,20 +69,6 @@ def test_views_match_reference(ref, size, combo):
         assert np.array_equal(a, b)  # in fact bit-identical
 
 
-def _reference_plan(ref, h, w, mode, slice_mode, msn):
-    """The reference's own _preprocess with the pixel work stubbed out: grids and target_sizes for any size."""
-    img = np.broadcast_to(np.zeros((3, 1, 1), np.uint8), (3, h, w))
-    orig = ref.resize
-    ref.resize = lambda image, size, resample=None, **k: np.zeros((3, size.height, size.width), np.uint8)
-    try:
-        out = ref._preprocess([img], do_resize=True, resample=ref.resample, do_rescale=False, rescale_factor=1.0,
-                              do_normalize=False, image_mean=None, image_std=None, max_slice_nums=msn,
-                              scale_resolution=448, patch_size=14, slice_mode=slice_mode, downsample_mode=mode)
-    finally:
-        ref.resize = orig
-    return out["grids"][0], out["target_sizes"].tolist()
-
-
 @pytest.mark.parametrize("mode", ["16x", "4x"])
 def test_plans_match_reference_all_sizes(ref, mode):
     """Grids and patch grids for every size x slice mode x max_slice_nums (no pixels, so all combinations)."""
@@ -90,7 +76,7 @@ def test_plans_match_reference_all_sizes(ref, mode):
     for (h, w), slice_mode, msn in itertools.product(SIZES, (True, False), (1, 2, 4, 9, 16)):
         cfg = SliceConfig(downsample_mode=mode, slice_mode=slice_mode, max_slice_nums=msn)
         p = plan_slices((h, w), cfg)
-        g, ts = _reference_plan(ref, h, w, mode, slice_mode, msn)
+        g, ts = reference_plan(ref, h, w, mode, slice_mode, msn)
         assert (list(p.grid) if p.grid else [0, 0]) == list(g), (h, w, slice_mode, msn)
         assert [list(t) for t in p.target_sizes] == ts, (h, w, slice_mode, msn)
         n += 1
@@ -145,8 +131,8 @@ side = st.integers(1, 10000)
 def test_plan_properties(ref, h, w, mode, slice_mode, msn):
     cfg = SliceConfig(downsample_mode=mode, slice_mode=slice_mode, max_slice_nums=msn)
     p = plan_slices((h, w), cfg)
-    m = cfg.merge_factor
-    levels = merge_levels(mode)
+    m, levels = {"16x": (4, 2), "4x": (2, 1)}[mode]  # patch-block side one LLM token covers, 2x2 folds
+    assert (cfg.merge_factor, merge_levels(mode)) == (m, levels)
     if p.grid is not None:
         assert slice_mode and 2 <= p.grid[0] * p.grid[1] <= msn
         assert p.num_views == 1 + p.grid[0] * p.grid[1]
@@ -155,9 +141,9 @@ def test_plan_properties(ref, h, w, mode, slice_mode, msn):
     for (vh, vw), (th, tw), n in zip(p.view_sizes, p.target_sizes, p.view_tokens):
         assert vh == th * 14 and vw == tw * 14
         assert th % m == 0 and tw % m == 0 and th > 0 and tw > 0
-        assert n == view_token_count(th, tw, mode) == th * tw // m**2  # placeholders == tokens the model emits
+        assert n == th * tw // m**2 == view_token_count(th, tw, mode)  # placeholders == tokens the model emits
         assert block_order(th, tw, levels).shape == (th * tw,)
-    g, ts = _reference_plan(ref, h, w, mode, slice_mode, msn)
+    g, ts = reference_plan(ref, h, w, mode, slice_mode, msn)
     assert (list(p.grid) if p.grid else [0, 0]) == list(g)
     assert [list(t) for t in p.target_sizes] == ts
 
