@@ -26,13 +26,13 @@ TOL = 1e-4
 SLICE = dict(scale_resolution=112, max_slice_nums=4)
 
 
-def _images():
+def chat_images():
     # tiny (upscaled, no slices), very wide (1 x N slices, views of a different shape), 1344x1344 (2x2 slices)
     return {"tiny": random_image(20, 30, seed=1), "wide": random_image(40, 1000, seed=2),
             "big": random_image(1344, 1344, seed=3)}
 
 
-def _chats(im):
+def two_chats(im):
     """Two chats of different lengths: (our messages, the same conversation as the reference's raw ChatML text,
     its images in order)."""
     a = ([{"role": "system", "content": "You are a helpful assistant."},
@@ -50,17 +50,23 @@ def _chats(im):
     return [a, b]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def saved_model(tmp_path_factory, merger_times=1):
+    """A tiny random reference model saved like a real checkpoint, with the test tokenizer and processor files."""
     # the test tokenizer carries the real special-token ids, so the model needs the real vocabulary size
-    cfg = tiny_config(insert_layer_id=1)
+    cfg = tiny_config(insert_layer_id=1, merger_times=merger_times)
     cfg = cfg.replace(text=cfg.text.replace(vocab_size=248320), image_token_id=248056, video_token_id=248057)
     model_dir = str(tmp_path_factory.mktemp("e2e") / "model")
-    ref_model = hf_model(cfg, seed=5)
+    ref_model = hf_model(cfg, seed=5 + merger_times)
     save_hf(ref_model, model_dir, side_files=False)
     make_model_dir(model_dir, **SLICE)
     loaded_cfg, params = load_hf(model_dir)
-    return model_dir, ref_model, loaded_cfg, params, reference_processor(model_dir, **SLICE)
+    return model_dir, ref_model, loaded_cfg, params
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    saved = saved_model(tmp_path_factory)
+    return saved + (reference_processor(saved[0], **SLICE),)
 
 
 def _reference(rp, ref_model, raw, images, mode):
@@ -87,8 +93,8 @@ def rel(a, b) -> float:
 @pytest.mark.parametrize("mode", ["16x", "4x"])
 def test_chat_batch_matches_reference(setup, mode):
     model_dir, ref_model, cfg, params, rp = setup
-    im = _images()
-    chats = _chats(im)
+    im = chat_images()
+    chats = two_chats(im)
     proc = Processor.from_pretrained(model_dir, downsample_mode=mode)
     samples = [proc.encode_chat(msgs, add_generation_prompt=r == 1) for r, (msgs, _, _) in enumerate(chats)]
     # the images take the paths they are meant to exercise
@@ -118,3 +124,4 @@ def test_chat_batch_matches_reference(setup, mode):
     print(mode, {k: f"{v:.1e}" for k, v in errs.items()})
     bad = {k: v for k, v in errs.items() if not v < TOL}
     assert not bad, bad
+

@@ -121,7 +121,9 @@ class MergerConfig:
                  f"must be one of {DOWNSAMPLE_MODES}, got {self.downsample_mode!r}")
         _require(tuple(self.merge_kernel_size) == (2, 2), "merge_kernel_size",
                  f"only (2, 2) merges are implemented, got {self.merge_kernel_size}")
-        _require(self.merger_times >= 1, "merger_times", f"must be >= 1, got {self.merger_times}")
+        # any integer >= 1 runs end to end (the slicer makes views divide by 2^levels); a float or string would not
+        _require(isinstance(self.merger_times, int) and not isinstance(self.merger_times, bool)
+                 and self.merger_times >= 1, "merger_times", f"must be an integer >= 1, got {self.merger_times!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,9 @@ the text is one image, replaced by
 where `i` counts images within the sample (when `use_image_id`), `{pads}` is the image token repeated once per
 visual token of the thumbnail (patch grid h*w / 16 in "16x" mode, / 4 in "4x"), and the slice rows, present
 when the image was sliced, are `<slice>{pads}</slice>` for each slice of a row, rows joined by "\n".
+A model with `merger_times` > 1 (read from the directory's config.json) folds each view 4x more per extra round:
+the slicer makes every patch grid divisible accordingly and the pads count h*w / 4^levels (the reference
+processor has no such setting; its model does, and tests/test_merger_times.py checks ours against it).
 
 Chat format (`encode_chat`): ChatML turns `<|im_start|>{role}\n{content}<|im_end|>\n`; a message's content
 is a string (image tokens in it refer to `images` in order) or a list of parts `{"type": "text", "text": ..}` /
@@ -113,6 +116,7 @@ class Sample:
     max_slice_nums: int
     downsample_mode: str
     request: SampleRequest | None = None
+    merger_times: int = 1
 
     @property
     def num_views(self) -> int:
@@ -124,7 +128,7 @@ class Sample:
 
     @property
     def view_tokens(self) -> list[int]:
-        return [view_token_count(h, w, self.downsample_mode) for h, w in self.view_grids]
+        return [view_token_count(h, w, self.downsample_mode, self.merger_times) for h, w in self.view_grids]
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -151,7 +155,7 @@ def check_placeholders(ids: np.ndarray, view_grids: Sequence[tuple[int, int]], i
     for i, ((_, n), w) in enumerate(zip(runs, want)):
         if n != w:
             raise ValueError(f"{name}: view {i} has {n} image tokens in the token ids but the encoder emits {w} "
-                             f"(patch grid {view_grids[i]}, mode {mode})")
+                             f"(patch grid {view_grids[i]}, mode {mode}, merger_times {merger_times})")
     return runs
 
 
@@ -183,9 +187,13 @@ class Processor:
     def from_pretrained(cls, path: str | os.PathLike, *, load_options: LoadOptions | None = None,
                         assistant_prefix: str = "", **slice_overrides) -> "Processor":
         """Loads from a HF model directory. `slice_overrides`: SliceConfig fields (e.g. downsample_mode="4x",
-        max_slice_nums=4) replacing those of preprocessor_config.json."""
+        max_slice_nums=4) replacing those of preprocessor_config.json. `merger_times` comes from config.json (the
+        model's merge rounds decide the placeholder counts) unless overridden."""
         path = os.fspath(path)
         pre = _read_json(os.path.join(path, "preprocessor_config.json"), {})
+        model_cfg = _read_json(os.path.join(path, "config.json"), {})
+        if "merger_times" not in slice_overrides and model_cfg.get("merger_times") is not None:
+            slice_overrides["merger_times"] = model_cfg["merger_times"]
         slice_config = SliceConfig.from_dict(pre, **slice_overrides)
         tok_path = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tok_path):
@@ -333,8 +341,10 @@ class Processor:
                 loss &= ids != self.token_ids[key]
         views = [v for s in sliced for v in s.views]
         sample = Sample(input_ids=ids, loss_mask=loss, views=views, plans=plans, text=text, name=name,
-                        max_slice_nums=msn, downsample_mode=self.slice_config.downsample_mode, request=req)
-        check_placeholders(ids, sample.view_grids, self.image_token_id, sample.downsample_mode, name)
+                        max_slice_nums=msn, downsample_mode=self.slice_config.downsample_mode, request=req,
+                        merger_times=self.slice_config.merger_times)
+        check_placeholders(ids, sample.view_grids, self.image_token_id, sample.downsample_mode, name,
+                           sample.merger_times)
         return sample
 
     def _chat_segments(self, req: SampleRequest):

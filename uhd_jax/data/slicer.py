@@ -9,6 +9,9 @@ banker's `round` in `ensure_divide`; same PIL bicubic resizes; same float32 resc
 * The thumbnail is the whole image resized by `find_best_resize` (to about `scale_resolution^2` px, each side
   rounded to a multiple of `patch_size * merge`, merge 4 in "16x" mode and 2 in "4x" mode; upscaling only when
   there are no slices).
+* `merger_times` (the model's post-ViT merge rounds, config.json; the reference processor has no such setting and
+  assumes 1) doubles `merge` per extra round, so every view's patch grid divides by 2^levels and folds exactly;
+  with merger_times=1 (MiniCPM-V 4.6) every size and pixel is the reference's.
 * The slices come from one resize of the whole image to `get_refine_size`, cut into the grid, row by row.
 * Views are in the order thumbnail, then slices row-major; each is a [3, H, W] float32 array,
   `(x * rescale_factor - mean) / std`, computed through a 256-entry table per channel that reproduces the
@@ -29,7 +32,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from uhd_jax.data.layout import MODES
+from uhd_jax.data.layout import MODES, merge_levels
 
 # The reference processor's defaults (class attributes of MiniCPMV4_6ImageProcessorPil).
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -49,6 +52,7 @@ class SliceConfig:
     image_mean: tuple[float, ...] = DEFAULT_MEAN
     image_std: tuple[float, ...] = DEFAULT_STD
     rescale_factor: float = 1 / 255
+    merger_times: int = 1  # the model's post-ViT merge rounds (config.json), not a preprocessor_config key
 
     def __post_init__(self):
         if self.downsample_mode not in MODES:
@@ -57,14 +61,16 @@ class SliceConfig:
             raise ValueError(f"max_slice_nums must be >= 1, got {self.max_slice_nums}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("image_mean and image_std need 3 entries (RGB)")
+        if not isinstance(self.merger_times, int) or isinstance(self.merger_times, bool) or self.merger_times < 1:
+            raise ValueError(f"merger_times must be an integer >= 1, got {self.merger_times!r}")
 
     @property
     def merge_factor(self) -> int:
-        return merge_factor(self.downsample_mode)
+        return merge_factor(self.downsample_mode, self.merger_times)
 
     @property
     def token_divisor(self) -> int:
-        """Patches per visual token: 16 in "16x" mode, 4 in "4x" mode."""
+        """Patches per visual token: 16 in "16x" mode, 4 in "4x" mode (x4 per extra merger round)."""
         return self.merge_factor**2
 
     def replace(self, **kw) -> "SliceConfig":
@@ -91,11 +97,12 @@ class SliceConfig:
             return cls.from_dict(json.load(f), **overrides)
 
 
-def merge_factor(downsample_mode: str) -> int:
-    """Side of the patch block one visual token covers: 4 ("16x": two 2x2 merges) or 2 ("4x")."""
+def merge_factor(downsample_mode: str, merger_times: int = 1) -> int:
+    """Side of the patch block one visual token covers: 4 ("16x": two 2x2 merges) or 2 ("4x"), doubled for each
+    post-ViT merger round beyond the first."""
     if downsample_mode not in MODES:
         raise ValueError(f"downsample_mode must be one of {MODES}, got {downsample_mode!r}")
-    return 2 if downsample_mode == "4x" else 4
+    return 1 << merge_levels(downsample_mode, merger_times)
 
 
 def ensure_divide(length: float, divisor: int) -> int:
@@ -104,7 +111,8 @@ def ensure_divide(length: float, divisor: int) -> int:
 
 
 def find_best_resize(image_size: tuple[float, float], scale_resolution: int, patch_size: int,
-                     downsample_mode: str = "16x", allow_upscale: bool = False) -> tuple[int, int]:
+                     downsample_mode: str = "16x", allow_upscale: bool = False,
+                     merger_times: int = 1) -> tuple[int, int]:
     """(height, width) in px: about scale_resolution^2 px if the image is larger (or `allow_upscale`),
     each side a multiple of patch_size * merge_factor."""
     height, width = image_size
@@ -112,21 +120,22 @@ def find_best_resize(image_size: tuple[float, float], scale_resolution: int, pat
         aspect_ratio = width / height
         height = int(scale_resolution / math.sqrt(aspect_ratio))
         width = int(height * aspect_ratio)
-    m = merge_factor(downsample_mode)
+    m = merge_factor(downsample_mode, merger_times)
     best_width = ensure_divide(width, patch_size * m)
     best_height = ensure_divide(height, patch_size * m)
     return best_height, best_width
 
 
 def get_refine_size(image_size: tuple[int, int], grid: Sequence[int], scale_resolution: int, patch_size: int,
-                    downsample_mode: str = "16x", allow_upscale: bool = False) -> tuple[int, int]:
+                    downsample_mode: str = "16x", allow_upscale: bool = False,
+                    merger_times: int = 1) -> tuple[int, int]:
     """(height, width) in px of the resize that is then cut into the grid of slices."""
     height, width = image_size
     grid_y, grid_x = grid
     refine_width = ensure_divide(width, grid_x)
     refine_height = ensure_divide(height, grid_y)
     best_height, best_width = find_best_resize((refine_height / grid_y, refine_width / grid_x), scale_resolution,
-                                               patch_size, downsample_mode, allow_upscale)
+                                               patch_size, downsample_mode, allow_upscale, merger_times)
     return best_height * grid_y, best_width * grid_x
 
 
@@ -159,7 +168,8 @@ def get_sliced_grid(image_size: tuple[int, int], max_slice_nums: int, scale_reso
 class SlicePlan:
     """Sizes only. image_size, thumb_size, refine_size: (height, width) px; grid: (rows, cols) or None;
     view_sizes: px (h, w) of every view, thumbnail first then slices row by row;
-    target_sizes: patch grid (h, w) of every view (the reference's `target_sizes`)."""
+    target_sizes: patch grid (h, w) of every view (the reference's `target_sizes`);
+    merger_times: post-ViT merge rounds the sizes were made for."""
 
     image_size: tuple[int, int]
     grid: tuple[int, int] | None
@@ -168,6 +178,7 @@ class SlicePlan:
     view_sizes: tuple[tuple[int, int], ...]
     target_sizes: tuple[tuple[int, int], ...]
     downsample_mode: str
+    merger_times: int = 1
 
     @property
     def num_views(self) -> int:
@@ -175,8 +186,9 @@ class SlicePlan:
 
     @property
     def view_tokens(self) -> tuple[int, ...]:
-        """LLM tokens (<|image_pad|> placeholders) per view: h * w / 16 ("16x") or / 4 ("4x")."""
-        d = merge_factor(self.downsample_mode) ** 2
+        """LLM tokens (<|image_pad|> placeholders) per view: h * w / 16 ("16x") or / 4 ("4x"), / 4 more per extra
+        merger round."""
+        d = merge_factor(self.downsample_mode, self.merger_times) ** 2
         return tuple(h * w // d for h, w in self.target_sizes)
 
 
@@ -188,18 +200,19 @@ def plan_slices(image_size: tuple[int, int], cfg: SliceConfig, max_slice_nums: i
     msn = cfg.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
     if msn < 1:
         raise ValueError(f"max_slice_nums must be >= 1, got {msn}")
-    p, mode = cfg.patch_size, cfg.downsample_mode
+    p, mode, mt = cfg.patch_size, cfg.downsample_mode, cfg.merger_times
     grid = get_sliced_grid((h, w), msn, cfg.scale_resolution) if cfg.slice_mode else None
-    thumb = find_best_resize((h, w), cfg.scale_resolution, p, mode, allow_upscale=grid is None)
+    thumb = find_best_resize((h, w), cfg.scale_resolution, p, mode, allow_upscale=grid is None, merger_times=mt)
     views = [thumb]
     refine = None
     if grid is not None:
-        refine = get_refine_size((h, w), grid, cfg.scale_resolution, p, mode, allow_upscale=True)
+        refine = get_refine_size((h, w), grid, cfg.scale_resolution, p, mode, allow_upscale=True, merger_times=mt)
         sh, sw = refine[0] // grid[0], refine[1] // grid[1]
         views += [(sh, sw)] * (grid[0] * grid[1])
     targets = tuple((vh // p, vw // p) for vh, vw in views)
     return SlicePlan(image_size=(h, w), grid=None if grid is None else (grid[0], grid[1]), thumb_size=thumb,
-                     refine_size=refine, view_sizes=tuple(views), target_sizes=targets, downsample_mode=mode)
+                     refine_size=refine, view_sizes=tuple(views), target_sizes=targets, downsample_mode=mode,
+                     merger_times=mt)
 
 
 _LUT_CACHE: dict = {}
