@@ -85,9 +85,10 @@ def test_processor_reads_merger_times_from_config_json(tmp_path):
     assert Processor.from_pretrained(d, merger_times=3).slice_config.merger_times == 3  # an override wins
     s = proc.encode_chat([{"role": "user", "content": [{"type": "image", "image": random_image(900, 1600, 1)}]}])
     assert _run_lengths(s.input_ids == proc.image_token_id) == [15] + [16] * 8  # the hand count above
-    # a packer set up for another number of rounds refuses the sample instead of misplacing tokens
-    with pytest.raises(ValueError, match="merger_times 1"):
-        Packer(proc, PackerConfig(views_per_row=9, merger_times=1)).pack([s])
+    # the packer takes the processor's rounds; a packer set up for another number is refused
+    assert Packer(proc, PackerConfig(views_per_row=9)).pack([s]).vision.merger_times == 2
+    with pytest.raises(ValueError, match="PackerConfig.merger_times=1 but the processor slices for merger_times=2"):
+        Packer(proc, PackerConfig(views_per_row=9, merger_times=1))
 
 
 def _run_lengths(mask):

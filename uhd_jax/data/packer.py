@@ -69,7 +69,7 @@ class PackerConfig:
     views_per_row: int = 10  # view slots of each row (0: text-only batches, vision=None)
     overflow: str = "error"  # "error" or "fewer_slices"
     positions_per_side: int = 70  # side of the ViT's learned position table
-    merger_times: int = 1
+    merger_times: int | None = None  # the processor's (None); a different value is an error
     patches_dtype: str = "float32"  # or "bfloat16": half the host memory and transfer, not bit-exact pixels
 
     def __post_init__(self):
@@ -92,8 +92,13 @@ class Packer:
         sc = processor.slice_config
         self.mode = sc.downsample_mode
         self.patch_size = sc.patch_size
-        self.levels = merge_levels(self.mode, config.merger_times)
-        unit = patches_per_token(self.mode, config.merger_times)
+        mt = sc.merger_times
+        if config.merger_times is not None and config.merger_times != mt:
+            raise ValueError(f"PackerConfig.merger_times={config.merger_times} but the processor slices for "
+                             f"merger_times={mt} (leave it None to take the processor's)")
+        self.merger_times = mt
+        self.levels = merge_levels(self.mode, mt)
+        unit = patches_per_token(self.mode, mt)
         if config.tokens_per_view % unit:
             raise ValueError(f"tokens_per_view={config.tokens_per_view} must be a multiple of {unit} in "
                              f"{self.mode} mode")
@@ -167,7 +172,7 @@ class Packer:
             arr["positions"][b, :L] = np.arange(L, dtype=np.int32)
             arr["loss_mask"][b, :L] = s.loss_mask
             runs = check_placeholders(s.input_ids, s.view_grids, self.processor.image_token_id, self.mode, s.name,
-                                      c.merger_times)
+                                      self.merger_times)
             for slot, ((start, n), v) in enumerate(zip(runs, s.views)):
                 arr["visual_index"][b, start:start + n] = slot * T_out + np.arange(n, dtype=np.int32)
                 arr["visual_mask"][b, start:start + n] = True
@@ -176,7 +181,7 @@ class Packer:
         if V > 0:
             vision = VisionBatch(patches=arr["vision.patches"], pos_ids=arr["vision.pos_ids"],
                                  num_tokens=arr["vision.num_tokens"], grid=arr["vision.grid"], mode=self.mode,
-                                 merger_times=c.merger_times)
+                                 merger_times=self.merger_times)
         return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
 
     def _put_view(self, arr, row: int, slot: int, view: np.ndarray, name: str):
