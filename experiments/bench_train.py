@@ -231,7 +231,7 @@ def main():
             h = out["norm"].reshape(-1, cfg.text.hidden_size)
             if lidx is not None:
                 h = jnp.take(h, lidx, axis=0)
-            return chunked_cross_entropy(h, table, ltgt, lw, chunk_tokens=ce_chunk)
+            return chunked_cross_entropy(h, table, ltgt, lw, valid_vocab=cfg.text.vocab_size, chunk_tokens=ce_chunk)
 
         step = jax.value_and_grad(lambda p, *a: loss_fn(p["vision"], p["text"], *a))
         sets = [(params, b) + l for b, l in zip(dbatches, linputs)]
@@ -276,7 +276,8 @@ def main():
                 h = out["norm"].reshape(-1, cfg.text.hidden_size)
                 if lidx is not None:
                     h = jnp.take(h, lidx, axis=0)
-                return chunked_cross_entropy(h, table, ltgt, lw, chunk_tokens=ce_chunk)
+                return chunked_cross_entropy(h, table, ltgt, lw, valid_vocab=cfg.text.vocab_size,
+                                             chunk_tokens=ce_chunk)
 
             compile_and_time("text alone fwd+bwd (placed random embeds)", jax.value_and_grad(tloss),
                              [(params["text"], b, e) + l for b, e, l in zip(dbatches, placed, linputs)], 3 * tf,

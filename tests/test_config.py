@@ -84,3 +84,25 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
+
+
+def test_vocab_padding_is_ours_and_divides_the_tensor_axis():
+    cfg = reference_config()
+    assert cfg.text.vocab_size == 248094 and cfg.text.vocab_pad_multiple == 128
+    assert cfg.text.padded_vocab_size == 248192  # 1939 * 128
+    for t in (1, 2, 3, 4, 6, 8, 12, 16, 64, 256):
+        text = cfg.text.with_vocab_multiple(t)
+        assert text.padded_vocab_size % t == 0 and text.padded_vocab_size % 128 == 0
+        assert 0 <= text.padded_vocab_size - text.vocab_size < text.vocab_pad_multiple
+    assert cfg.text.with_vocab_multiple(3).vocab_pad_multiple == 384
+    assert tiny_config().text.padded_vocab_size == 512  # already a multiple: no padding
+    # not a Hugging Face key: config.json round-trips unchanged whatever the padding
+    padded = cfg.replace(text=cfg.text.with_vocab_multiple(3))
+    assert "vocab_pad_multiple" not in padded.to_hf_dict()["text_config"]
+    assert padded.to_hf_dict() == cfg.to_hf_dict()
+    with pytest.raises(ValueError, match="positive int"):
+        cfg.text.with_vocab_multiple(0)
+    with pytest.raises(ConfigError, match="vocab_pad_multiple"):
+        cfg.text.replace(vocab_pad_multiple=0).validate()
+    with pytest.raises(ConfigError, match="linear_num_value_heads"):
+        cfg.text.replace(linear_num_value_heads=24).validate()

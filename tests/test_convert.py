@@ -169,7 +169,9 @@ def test_real_checkpoint_layout():
     ours = {e.hf: e.hf_shape for e in plan.entries}
     assert len(saved) == 779
     assert ours == saved
-    assert sum(math.prod(leaf.shape) for leaf in plan.leaves.values()) == 1_300_428_016
+    padding = (cfg.text.padded_vocab_size - cfg.text.vocab_size) * cfg.text.hidden_size  # our zero vocab rows
+    assert padding == 98 * 1024
+    assert sum(math.prod(leaf.shape) for leaf in plan.leaves.values()) == 1_300_428_016 + padding
 
 
 def test_target_tree_is_the_full_models_tree():
@@ -193,3 +195,108 @@ def test_target_tree_is_the_full_models_tree():
     unbox = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t,  # noqa: E731
                                    is_leaf=lambda x: hasattr(x, "shape"))
     assert unbox(nn.unbox(model_tree)) == unbox(nn.unbox(params_shape(cfg)))
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """Tiny models whose vocab (520) is not a multiple of 128, tied (Qwen3.5) and untied (Qwen3): our parameters
+    hold 640 vocab rows, 120 of them zero padding."""
+    root = tmp_path_factory.mktemp("padded")
+    out = {}
+    for tied in (True, False):
+        cfg = tiny_config(text_model="qwen3_5_text" if tied else "qwen3")
+        cfg = cfg.replace(tie_word_embeddings=tied, text=cfg.text.replace(vocab_size=520, tie_word_embeddings=tied))
+        model = hf_model(cfg, seed=5)
+        out[tied] = cfg, model, save_hf(model, str(root / f"tied_{tied}"))
+    return out
+
+
+def _vocab_params(params, tied):
+    """embed_tokens [Vp, D] and (untied) lm_head kernel transposed to [Vp, D]."""
+    text = params["text"]
+    head = [] if tied else [np.ascontiguousarray(np.asarray(text["lm_head"]["kernel"]).T)]
+    return [np.asarray(text["embed_tokens"])] + head
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocab_conversion(padded, tmp_path, tied):
+    """HF -> ours adds zero vocab rows, ours -> HF drops them: bit-exact both ways (load_hf, hf-to-jax, jax-to-hf,
+    save_hf); the converted model's real logits are the reference's."""
+    from uhd_jax.convert.jax_to_hf import save_hf as save_ours
+    from uhd_jax.model.text_model import TextModel
+
+    cfg, model, src = padded[tied]
+    assert cfg.text.padded_vocab_size == 640
+    a = read_all(src)
+    hf_vocab = [a["model.language_model.embed_tokens.weight"]] + ([] if tied else [a["lm_head.weight"]])
+    _, params = load_hf(src)
+    for ours, hf in zip(_vocab_params(params, tied), hf_vocab, strict=True):
+        assert ours.shape == (640, cfg.text.hidden_size) and bits_equal(ours[:520], hf) and not ours[520:].any()
+    _, cast = load_hf(src, dtype="bfloat16")  # the casting path of the streaming fill
+    for ours, hf in zip(_vocab_params(cast, tied), hf_vocab, strict=True):
+        assert bits_equal(ours[:520], hf.astype(jax.numpy.bfloat16)) and not ours[520:].any()
+
+    ckpt, back, saved = str(tmp_path / "ckpt"), str(tmp_path / "back"), str(tmp_path / "saved")
+    hf_to_jax(src, ckpt)
+    jax_to_hf(ckpt, back)
+    save_ours(cfg, params, saved)
+    for out in (back, saved):
+        b = read_all(out)
+        assert sorted(a) == sorted(b) and all(bits_equal(a[k], b[k]) for k in a), out
+
+    ids = np.random.default_rng(0).integers(0, 520, (2, 9))
+    with torch.no_grad():
+        want = model.lm_head(model.model.language_model(input_ids=torch.tensor(ids)).last_hidden_state).numpy()
+    logits, _ = TextModel(cfg.text, attention_impl="xla").apply({"params": params["text"]}, jax.numpy.asarray(ids))
+    assert logits.shape[-1] == 640 and rel(logits[..., :520], want) < 1e-4
+    assert np.all(np.asarray(logits[..., 520:]) == np.finfo(np.float32).min)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_checkpoint_vocab_padding_adapts(padded, tmp_path, tied):
+    """Our checkpoint's stored vocab padding need not be the config's: loading cuts or zero-pads it to the
+    config's padded_vocab_size (numpy or straight onto devices through a target), exporting drops it; a
+    checkpoint with fewer rows than the vocabulary, or a target of another padding, is an error naming the
+    parameter."""
+    from uhd_jax.convert.checkpoint import write_checkpoint
+
+    cfg, _, src = padded[tied]
+    raw = json.load(open(os.path.join(src, "config.json")))
+    a = read_all(src)
+    hf_vocab = [a["model.language_model.embed_tokens.weight"]] + ([] if tied else [a["lm_head.weight"]])
+    ckpt = str(tmp_path / "ckpt")
+    hf_to_jax(src, ckpt)  # stored with the default padding: 640 rows
+
+    def check(params, rows):
+        for ours, hf in zip(_vocab_params(params, tied), hf_vocab, strict=True):
+            assert ours.shape[0] == rows and bits_equal(ours[:520], hf) and not ours[520:].any()
+
+    for multiple, rows in ((None, 640), (1, 520), (384, 768)):
+        loaded_cfg, params = load_checkpoint(ckpt, vocab_pad_multiple=multiple)
+        assert loaded_cfg.text.padded_vocab_size == rows
+        check(params, rows)
+    # onto devices: the target is the model's abstract tree for a 3-way tensor axis (lcm(128, 3) = 384 -> 768)
+    big = cfg.replace(text=cfg.text.with_vocab_multiple(3))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params_shape(big))
+    _, on_device = load_checkpoint(ckpt, target, vocab_pad_multiple=big.text.vocab_pad_multiple)
+    check(on_device, 768)
+    assert isinstance(on_device["text"]["embed_tokens"], jax.Array)
+    with pytest.raises(ValueError, match="target `text/embed_tokens`"):
+        load_checkpoint(ckpt, target)  # config pads to 640, target has 768
+
+    # a checkpoint stored with 768 rows exports bit-exactly and loads back as 640
+    wide = str(tmp_path / "wide")
+    write_checkpoint(wide, raw, jax.tree.map(np.asarray, on_device))
+    check(load_checkpoint(wide)[1], 640)
+    jax_to_hf(wide, str(tmp_path / "back"))
+    b = read_all(str(tmp_path / "back"))
+    assert sorted(a) == sorted(b) and all(bits_equal(a[k], b[k]) for k in a)
+
+    # fewer rows than the vocabulary: not a padding difference
+    _, params = load_checkpoint(ckpt)
+    params["text"]["embed_tokens"] = params["text"]["embed_tokens"][:500]
+    short = str(tmp_path / "short")
+    write_checkpoint(short, raw, params)
+    with pytest.raises(ValueError, match="`text/embed_tokens` .* 500 vocabulary entries, fewer than .* 520"):
+        load_checkpoint(short)

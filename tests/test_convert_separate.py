@@ -10,12 +10,13 @@ import torch
 
 from tests.convert_ref import randomize, rel
 from uhd_jax.config import tiny_config
+from uhd_jax.convert.checkpoint import load_checkpoint
 from uhd_jax.convert.errors import ConversionError
 from uhd_jax.convert.from_separate import build_from_separate, from_separate, resize_matrix
 from uhd_jax.convert.jax_to_hf import jax_to_hf
 from uhd_jax.model.vision import WindowMerger
 
-TEXT = tiny_config().text
+TEXT = tiny_config().text.replace(vocab_size=520)  # not a multiple of 128: our parameters pad it to 640
 VIT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, patch_size=14)
 
 
@@ -43,7 +44,7 @@ def qwen(path, kind="qwen3_5_text", seed=1, tied=True):
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        t = tiny_config(text_model="qwen3").text
+        t = tiny_config(text_model="qwen3").text.replace(vocab_size=TEXT.vocab_size)
         model = Qwen3ForCausalLM(Qwen3Config(**dict(t.to_hf_dict(), tie_word_embeddings=tied)))
     randomize(model, seed).save_pretrained(path)
     return model.eval()
@@ -67,6 +68,9 @@ def test_combined_model(sources, tmp_path):
     assert report.merger_init_layer == 1 and "16x16 table resized to 70x70 (bicubic" in report.positions
     assert len(report.dropped) == 11 and all(d.startswith("vision: head.") for d in report.dropped)
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "params", "preprocessor_config.json"]
+    _, params = load_checkpoint(out)
+    embed = llm_model.model.embed_tokens.weight.detach().numpy()
+    assert np.array_equal(params["text"]["embed_tokens"], np.pad(embed, ((0, 120), (0, 0))))  # zero vocab padding
 
     # our export of it is a MiniCPM-V 4.6 that transformers loads; ViT and LLM tensors are the sources', bit for bit
     from transformers import MiniCPMV4_6ForConditionalGeneration
@@ -144,7 +148,7 @@ def test_full_siglip_and_untied_qwen3(tmp_path):
     assert {d.split(".")[0] for d in report.dropped} == {"vision: vision_model", "vision: text_model",
                                                        "vision: logit_scale", "vision: logit_bias"}
     head = loaded.params["text"]["lm_head"]["kernel"]
-    assert np.array_equal(head, llm_model.lm_head.weight.detach().numpy().T)
+    assert np.array_equal(head, np.pad(llm_model.lm_head.weight.detach().numpy().T, ((0, 0), (0, 120))))
 
     # exported, transformers runs it as MiniCPM-V 4.6 over a Qwen3: text-only logits are the LLM's own
     from transformers import MiniCPMV4_6ForConditionalGeneration
@@ -152,7 +156,7 @@ def test_full_siglip_and_untied_qwen3(tmp_path):
     from_separate(vit, llm, str(tmp_path / "ckpt"), insert_layer_id=2)
     jax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
-    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, TEXT.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, llm_model(input_ids=ids).logits)
 

@@ -95,28 +95,43 @@ def test_module_padding_and_decode_states():
             assert rel_err(yt[i, 0], full[i, n + t]) < 1e-5, (t, i)
 
 
-def test_bf16_keeps_float32_state():
-    cfg, m = _module(dtype=jnp.bfloat16)
-    x = jnp.ones((1, 9, cfg.hidden_size), jnp.bfloat16)
-    params = m.init(jax.random.PRNGKey(0), x)
-    y, cache = m.apply(params, x, None, init_deltanet_cache(cfg, 1, jnp.bfloat16))
+def test_bf16_default_options_close_to_float32_recurrent():
+    """The module in bf16 with the default ChunkOptions (chunk 128; 300 tokens = 3 chunks, the last partial)
+    against the same weights in float32 run token by token (decode mode: the recurrent form). Measured on CPU:
+    output rel. error 1.07e-2 here (1.1e-2 to 2.3e-2 over 10 random inits; rounding just the weights and input to
+    bf16 and computing in float32 already gives 0.9e-2 to 1.8e-2), final state 5.5e-3 (up to 7.2e-3). Bounds
+    2.5e-2 and 1.5e-2; the error must also be above 2e-3, or the bf16 path did not run."""
+    assert ChunkOptions().chunk_size == 128
+    cfg = tiny_config().text
+    model, step = GatedDeltaNet(cfg, dtype=jnp.bfloat16), GatedDeltaNet(cfg, decode=True)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 300, cfg.hidden_size)).astype(np.float32))
+    params = model.init(jax.random.PRNGKey(0), x[:, :4])
+    y, cache = jax.jit(model.apply)(params, x.astype(jnp.bfloat16), None, init_deltanet_cache(cfg, 2, jnp.bfloat16))
     assert y.dtype == jnp.bfloat16 and cache["state"].dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(y)))
+
+    def token(c, xt):
+        yt, c = step.apply(params, xt[:, None], None, c)
+        return c, yt[:, 0]
+
+    ref_cache, ref = jax.jit(lambda x: jax.lax.scan(token, init_deltanet_cache(cfg, 2), jnp.moveaxis(x, 1, 0)))(x)
+    err = rel_err(y.astype(jnp.float32), jnp.moveaxis(ref, 0, 1))
+    assert 2e-3 < err < 2.5e-2, err
+    assert rel_err(cache["state"], ref_cache["state"]) < 1.5e-2
 
 
 @pytest.mark.parametrize("state_pass,solver", [("transition", "blocked"), ("direct", "triangular_solve")])
 def test_bf16_operands_close_to_float32(state_pass, solver):
-    """bf16 matmul operands (float32 accumulation and state) stay at bf16 rounding level over many chunks."""
-    q, k, v, g, beta, _ = _inputs(11, b=1, s=200, hk=2, hv=2, dk=64, dv=64, with_state=False)
+    """bf16 matmul operands (float32 accumulation and state) at the default chunk size (400 tokens = 4 chunks, the
+    last partial) against the float32 recurrent form. Measured: output rel. error 4.8e-3 here (<= 5.0e-3 over 3
+    seeds and every state_pass / solver), state 3.3e-3 (<= 3.9e-3); bound 1e-2, and above 1e-3 (bf16 ran)."""
+    q, k, v, g, beta, _ = _inputs(11, b=1, s=400, hk=2, hv=2, dk=64, dv=64, with_state=False)
     want, want_state = recurrent_gated_delta_rule(q, k, v, g, beta)
-    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-    out, state = chunk_gated_delta_rule(bf(q), bf(k), bf(v), g, bf(beta), chunk_size=32, state_pass=state_pass,
-                                        solver=solver)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    out, state = chunk_gated_delta_rule(bf(q), bf(k), bf(v), g, bf(beta), chunk_size=ChunkOptions().chunk_size,
+                                        state_pass=state_pass, solver=solver)
     assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
-    assert rel_err(out.astype(jnp.float32), want) < 2e-2
-    assert rel_err(state, want_state) < 2e-2
-
-
+    assert 1e-3 < rel_err(out.astype(jnp.float32), want) < 1e-2
+    assert rel_err(state, want_state) < 1e-2
 
 @pytest.mark.parametrize("hk,hv,shards", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (2, 2, 2)])
 def test_qkv_channels_shard_by_key_head(hk, hv, shards):

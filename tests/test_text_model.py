@@ -220,3 +220,47 @@ def test_flops_formula_matches_xla_cost_analysis():
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         ratio = ca["flops"] / (mult * (per_block + full_square))
         assert 0.97 < ratio < 1.05, (mult, ratio)
+
+
+@pytest.mark.parametrize("model_type,tied", [("qwen3_5_text", True), ("qwen3", False)])
+def test_padded_vocab_logits(model_type, tied):
+    """Vocab 500 padded to 768 in our parameters: real logits are the reference's; padded columns hold the most
+    negative float32, so softmax gives them exactly 0 and logsumexp is the unpadded model's; the argmax never lands
+    in the padding, even with padded rows that would win every position if they counted (prefill and decode)."""
+    cfg, ref, params, model = _setup(model_type, vocab_size=500, vocab_pad_multiple=384, tie_word_embeddings=tied)
+    v, vp = cfg.vocab_size, cfg.padded_vocab_size
+    assert vp == 768 and params["embed_tokens"].shape == (vp, cfg.hidden_size)
+    ids = np.random.default_rng(6).integers(0, v, (2, 13))
+    want, _ = _ref_forward(ref, ids)
+    logits, out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
+    assert logits.shape == (2, 13, vp) and rel_err(logits[..., :v], want) < TOL
+    assert np.all(np.asarray(logits[..., v:]) == np.finfo(np.float32).min)
+
+    unpadded_cfg = cfg.replace(vocab_pad_multiple=1)
+    unpadded = dict(params, embed_tokens=params["embed_tokens"][:v])
+    if not tied:
+        unpadded["lm_head"] = {"kernel": params["lm_head"]["kernel"][:, :v]}
+    plain, _ = jax.jit(TextModel(unpadded_cfg, chunk=ChunkOptions(16)).apply)({"params": unpadded}, jnp.asarray(ids))
+    assert plain.shape == (2, 13, v) and rel_err(logits[..., :v], plain) < 1e-6
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert np.all(np.asarray(probs[..., v:]) == 0) and rel_err(probs[..., :v], jax.nn.softmax(plain, -1)) < 1e-6
+    assert rel_err(jax.nn.logsumexp(logits, -1), jax.nn.logsumexp(plain, -1)) < 1e-6
+
+    # padded rows pointing along each position's hidden state, 100x longer: unmasked, they would always win
+    h = np.asarray(out["norm"]).reshape(-1, cfg.hidden_size)
+    poison = np.zeros((vp - v, cfg.hidden_size), np.float32)
+    poison[:h.shape[0]] = 100 * h
+    poisoned = dict(params)
+    if tied:
+        poisoned["embed_tokens"] = np.concatenate([params["embed_tokens"][:v], poison])
+    else:
+        poisoned["lm_head"] = {"kernel": np.concatenate([params["lm_head"]["kernel"][:, :v], poison.T], 1)}
+    table = np.asarray(poisoned["embed_tokens"] if tied else poisoned["lm_head"]["kernel"].T)
+    assert np.all((h @ table.T).argmax(-1) >= v)
+    logits, _ = jax.jit(model.apply)({"params": poisoned}, jnp.asarray(ids))
+    assert np.all(np.asarray(logits.argmax(-1)) < v) and rel_err(logits[..., :v], want) < TOL
+    cache = init_cache(cfg, 2, 16, jnp.float32)
+    last, out = model.apply({"params": poisoned}, jnp.asarray(ids), cache=cache, last_logits_only=True)
+    step, _ = model.apply({"params": poisoned}, last.argmax(-1).astype(jnp.int32), cache=out["cache"], decode=True)
+    assert np.all(np.asarray(last.argmax(-1)) < v) and np.all(np.asarray(step.argmax(-1)) < v)
+    assert np.all(np.asarray(step[..., v:]) == np.finfo(np.float32).min)

@@ -96,10 +96,11 @@ def text_params_from_torch(state_dict: dict, cfg: TextConfig, prefix: str = "mod
     for i in range(period):
         members = [layers[g * period + i] for g in range(groups)]
         stacked[f"layer_{i}"] = _stack(members)
-    params = {"embed_tokens": sd[prefix + "embed_tokens.weight"], "layers": stacked,
+    pad = np.zeros((cfg.padded_vocab_size - cfg.vocab_size, cfg.hidden_size), np.float32)  # our vocab padding
+    params = {"embed_tokens": np.concatenate([sd[prefix + "embed_tokens.weight"], pad]), "layers": stacked,
               "norm": {"scale": sd[prefix + "norm.weight"]}}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": sd[lm_head].T}
+        params["lm_head"] = {"kernel": np.concatenate([sd[lm_head], pad]).T}
     return params
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 SUPPORTED_VISION_ACTS = ("gelu_pytorch_tanh",)
@@ -152,6 +153,7 @@ class TextConfig:
     linear_num_value_heads: int = 16
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 262144
+    vocab_pad_multiple: int = 128  # ours, not a Hugging Face key (never in config.json): see padded_vocab_size
     extra: tuple = ()
 
     _KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -170,6 +172,21 @@ class TextConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of our embed_tokens [Vp, D] and columns of lm_head [D, Vp]: vocab_size rounded up to a multiple of
+        vocab_pad_multiple, so the vocab dim shards evenly. Padded rows are zero and their logits are masked."""
+        m = self.vocab_pad_multiple
+        _require(isinstance(m, int) and m >= 1, "vocab_pad_multiple", f"must be a positive int, got {m!r}")
+        return -(-self.vocab_size // m) * m
+
+    def with_vocab_multiple(self, t: int) -> "TextConfig":
+        """This config with the vocabulary padded to a multiple of both vocab_pad_multiple and t (e.g. the
+        tensor-parallel axis size): vocab_pad_multiple becomes lcm(vocab_pad_multiple, t)."""
+        if not isinstance(t, int) or t < 1:
+            raise ValueError(f"the vocab multiple must be a positive int, got {t!r}")
+        return self.replace(vocab_pad_multiple=math.lcm(self.vocab_pad_multiple, t))
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "TextConfig":
@@ -230,6 +247,8 @@ class TextConfig:
                  f"{self.num_attention_heads} query heads are not a multiple of {self.num_key_value_heads}")
         _require(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim, p + "partial_rotary_factor",
                  f"gives rotary dim {self.rotary_dim} for head_dim {self.head_dim}")
+        _require(isinstance(self.vocab_pad_multiple, int) and self.vocab_pad_multiple >= 1, "vocab_pad_multiple",
+                 f"(ours, not Hugging Face's) must be a positive int, got {self.vocab_pad_multiple!r}")
         _require(not self.is_hybrid or self.linear_num_value_heads % self.linear_num_key_heads == 0,
                  p + "linear_num_value_heads", f"{self.linear_num_value_heads} value heads are not a multiple of "
                  f"{self.linear_num_key_heads} key heads")

@@ -11,6 +11,7 @@ interrupted conversion leaves no half-written output.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from uhd_jax.config import ModelConfig
+from uhd_jax.config import ModelConfig, TextConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -123,22 +124,75 @@ def save_params(path: str, params: dict):
         ckpt.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params))
 
 
-def load_params(path: str, target=None) -> dict:
+def _resize(a: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """a cut or zero-padded to n entries along axis."""
+    if a.shape[axis] >= n:
+        return a[(slice(None),) * axis + (slice(0, n),)]
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, n - a.shape[axis])
+    return np.pad(a, pad)
+
+
+def load_params(path: str, target=None, text: TextConfig | None = None) -> dict:
     """Restores the parameter tree: numpy arrays, or per `target` (a tree of jax.ShapeDtypeStruct with
-    shardings) straight onto devices."""
+    shardings) straight onto devices.
+
+    With `text`, the vocab dim of embed_tokens [Vp, D] / lm_head [D, Vp] comes out as text.padded_vocab_size
+    whatever padding the checkpoint was saved with (padding rows dropped or zero rows added; the padding is never
+    used, so this is exact); a target must then have that size. Raises ValueError naming the parameter if the
+    checkpoint holds fewer than text.vocab_size entries (a different vocabulary) or the target disagrees.
+    """
     import orbax.checkpoint as ocp
 
+    from uhd_jax.convert import mapping
+
+    path = os.path.abspath(path)
     with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(os.path.abspath(path), target)
+        if text is None:
+            return ckpt.restore(path, target)
+        stored = mapping.flatten(ckpt.metadata(path).item_metadata.tree)
+    axes = mapping.vocab_params(mapping.unflatten(stored))
+    n = text.padded_vocab_size
+    for p, axis in axes.items():
+        if stored[p].shape[axis] < text.vocab_size:
+            raise ValueError(f"checkpoint parameter `{mapping.path_str(p)}` {list(stored[p].shape)} has "
+                             f"{stored[p].shape[axis]} vocabulary entries, fewer than the config's vocab_size "
+                             f"{text.vocab_size} (a checkpoint of another vocabulary?)")
+    if target is None:
+        with ocp.StandardCheckpointer() as ckpt:
+            flat = mapping.flatten(ckpt.restore(path))
+        for p, axis in axes.items():
+            flat[p] = _resize(np.asarray(flat[p]), axis, n)
+        return mapping.unflatten(flat)
+    flat_target = mapping.flatten(target)
+    for p, axis in axes.items():
+        if p in flat_target and flat_target[p].shape[axis] != n:
+            raise ValueError(f"target `{mapping.path_str(p)}` {list(flat_target[p].shape)} has "
+                             f"{flat_target[p].shape[axis]} vocabulary entries; the config pads to {n}: build "
+                             f"the target from the same TextConfig")
+    restore_args = mapping.flatten(ocp.checkpoint_utils.construct_restore_args(target))
+    for p in axes:
+        if p in restore_args:  # orbax cuts the stored padding or pads with zeros
+            restore_args[p] = dataclasses.replace(restore_args[p], strict=False)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return ckpt.restore(path, args=ocp.args.PyTreeRestore(item=target,
+                                                              restore_args=mapping.unflatten(restore_args)))
 
 
-def load_checkpoint(ckpt_dir: str, target=None) -> tuple[ModelConfig, dict]:
-    """(config, params) from a checkpoint directory written by `hf-to-jax` or `from-separate`."""
+def load_checkpoint(ckpt_dir: str, target=None, *, vocab_pad_multiple: int | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params) from a checkpoint directory written by `hf-to-jax` or `from-separate`.
+
+    The vocabulary padding of the parameters is the config's (`TextConfig.padded_vocab_size`; config.json does
+    not hold it: `vocab_pad_multiple` sets it, default TextConfig's), whatever the checkpoint was saved with.
+    """
     cfg = ModelConfig.from_json(ckpt_dir)
+    if vocab_pad_multiple is not None:
+        cfg = cfg.replace(text=cfg.text.replace(vocab_pad_multiple=vocab_pad_multiple))
+        cfg.text.validate()
     params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory)")
-    return cfg, load_params(params_dir, target)
+    return cfg, load_params(params_dir, target, cfg.text)
 
 
 def write_checkpoint(out_dir: str, config: dict, params: dict, *, side_from: list[str] = (),

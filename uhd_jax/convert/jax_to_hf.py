@@ -100,7 +100,7 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_size=DEFAULT
     params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory)")
-    flat = mapping.flatten(load_params(params_dir))  # the only reference: write_hf_weights frees as it goes
+    flat = mapping.flatten(load_params(params_dir, text=cfg.text))  # the only reference: freed as written
     dtype = parse_dtype(dtype)
     with staging(out_dir, overwrite) as tmp:
         write_hf_weights(tmp, cfg, flat, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), context=ckpt_dir)

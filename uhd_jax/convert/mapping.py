@@ -14,7 +14,8 @@ A row yields an entry only where the model has that parameter, so layer types, b
 follow the model code. Nothing is silently lost: a checkpoint tensor no entry consumes and a parameter no
 entry fills are both reported (`check_source`, `build_plan`).
 
-Transforms are exact (transposes, reshapes, channel permutations), so HF -> ours -> HF is bit-exact.
+Transforms are exact (transposes, reshapes, channel permutations, zero vocab padding that HF -> ours adds and
+ours -> HF drops), so HF -> ours -> HF is bit-exact.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class Identity:
     def into_ours(self, dst, a, cfg):
         """dst[...] = to_ours(a), dst a preallocated (slot of a) parameter."""
         dst[...] = self.to_ours(a, cfg)
+
+    def direct(self, dst, cfg):
+        """The part of dst that takes the HF tensor exactly as read (the rest of dst filled here), or None when
+        the tensor needs transforming: lets `fill` read straight into place."""
+        return dst if type(self) is Identity else None
 
     def hf_array(self, a, cfg, dtype=None):
         """The HF tensor, C-contiguous, in `dtype` (default a's)."""
@@ -176,8 +182,52 @@ class KeyHeadGrouped(Identity):
         return self.base.hf_array(a[..., np.argsort(self.order(cfg))], cfg, dtype)
 
 
+class VocabPadded(Identity):
+    """`base` on a vocabulary-sized tensor (HF vocab axis 0; ours `axis`) whose vocab dim we pad with zeros to
+    `TextConfig.padded_vocab_size` (so it shards evenly): HF -> ours adds the zero rows, ours -> HF drops them."""
+
+    def __init__(self, base: Identity, axis: int):
+        self.base, self.axis, self.name = base, axis, f"vocab_padded_{base.name}"
+
+    def _split(self, a, cfg):
+        """(real part, padding) of our array, views along the vocab axis."""
+        lead = (slice(None),) * self.axis
+        v = cfg.text.vocab_size
+        return a[lead + (slice(0, v),)], a[lead + (slice(v, None),)]
+
+    def to_ours(self, a, cfg):
+        a = self.base.to_ours(a, cfg)
+        pad = [(0, 0)] * a.ndim
+        pad[self.axis] = (0, cfg.text.padded_vocab_size - cfg.text.vocab_size)
+        return np.pad(a, pad)
+
+    def to_hf(self, a, cfg):
+        return self.base.to_hf(self._split(a, cfg)[0], cfg)
+
+    def hf_shape(self, shape, cfg):
+        shape = list(shape)
+        shape[self.axis] = cfg.text.vocab_size
+        return self.base.hf_shape(tuple(shape), cfg)
+
+    def into_ours(self, dst, a, cfg):
+        real, pad = self._split(dst, cfg)
+        pad[...] = 0
+        self.base.into_ours(real, a, cfg)
+
+    def direct(self, dst, cfg):
+        real, pad = self._split(dst, cfg)
+        view = self.base.direct(real, cfg)
+        if view is not None:
+            pad[...] = 0
+        return view
+
+    def hf_array(self, a, cfg, dtype=None):
+        return self.base.hf_array(self._split(a, cfg)[0], cfg, dtype)
+
+
 IDENTITY, LINEAR, PATCH_CONV, CONV1D = Identity(), Linear(), PatchConv(), DepthwiseConv1d()
 QKV_LINEAR, QKV_CONV1D = KeyHeadGrouped(LINEAR), KeyHeadGrouped(CONV1D)
+VOCAB_ROWS, VOCAB_LINEAR = VocabPadded(IDENTITY, 0), VocabPadded(LINEAR, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,9 +280,9 @@ RULES = (
     _rule("vision", "model.merger.mlp.{m}.{lin}.weight", "merger/{m}/{lin}/kernel", LINEAR, lin=("linear_1", "linear_2")),
     _rule("vision", "model.merger.mlp.{m}.{lin}.bias", "merger/{m}/{lin}/bias", lin=("linear_1", "linear_2")),
     # LLM (Qwen3.5 hybrid or Qwen3 dense)
-    _rule("text", f"{LM}.embed_tokens.weight", "embed_tokens"),
+    _rule("text", f"{LM}.embed_tokens.weight", "embed_tokens", VOCAB_ROWS),
     _rule("text", f"{LM}.norm.weight", "norm/scale"),
-    _rule("text", "lm_head.weight", "lm_head/kernel", LINEAR),  # only when not tied
+    _rule("text", "lm_head.weight", "lm_head/kernel", VOCAB_LINEAR),  # only when not tied
     _rule("text", LM + ".layers.{llm}.{ln}.weight", "{llm}/{ln}/scale", ln=("input_layernorm", "post_attention_layernorm")),
     _rule("text", LM + ".layers.{llm}.mlp.{proj}.weight", "{llm}/mlp/{proj}/kernel", LINEAR,
           proj=("gate_proj", "up_proj", "down_proj")),
@@ -249,6 +299,9 @@ RULES = (
     _rule("text", LM + ".layers.{llm}.linear_attn.{p}", "{llm}/linear_attn/{p}", p=("A_log", "dt_bias")),
     _rule("text", LM + ".layers.{llm}.linear_attn.norm.weight", "{llm}/linear_attn/norm/scale"),
 )
+
+# our vocabulary-sized parameters (path in the text part) -> their padded vocab axis
+VOCAB_AXES = {tuple(r.ours.split("/")): r.transform.axis for r in RULES if isinstance(r.transform, VocabPadded)}
 
 PARTS = ("vision", "text")
 PART_ANCHORS = {"vision": "vision_tower", "text": "embed_tokens"}  # a key that marks the part's root dict
@@ -349,6 +402,16 @@ def part_roots(tree: Mapping, parts) -> dict[str, tuple[str, ...]]:
 
 def path_str(path) -> str:
     return "/".join(path)
+
+
+def vocab_params(tree: Mapping) -> dict[tuple[str, ...], int]:
+    """Paths of the vocabulary-sized parameters in `tree` (full or text-only; {} without a text part) -> vocab axis."""
+    try:
+        root = part_roots(tree, ("text",))["text"]
+    except ValueError:
+        return {}
+    flat = flatten(tree)
+    return {root + p: axis for p, axis in VOCAB_AXES.items() if root + p in flat}
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -486,8 +549,9 @@ def fill(plan: Plan, infos: Mapping[str, Any], read: Callable[..., np.ndarray], 
                                                     getattr(infos[e.hf], "offset", 0)))
         for e in order:
             dest = arrays[e.path] if e.slot is None else arrays[e.path][e.slot]
-            if e.transform is IDENTITY and dest.dtype == infos[e.hf].np_dtype:
-                read(e.hf, out=dest)  # straight into place
+            view = e.transform.direct(dest, plan.cfg) if dest.dtype == infos[e.hf].np_dtype else None
+            if view is not None:
+                read(e.hf, out=view)  # straight into place
             else:
                 e.transform.into_ours(dest, read(e.hf), plan.cfg)
     return unflatten(arrays)

@@ -59,6 +59,6 @@ def text_forward_flops(cfg: TextConfig, batch: int, seq: int, logits_tokens: int
         else:
             out["attn_proj"] += 2 * tokens * (d * (qdim + 2 * kvdim) + cfg.num_attention_heads * cfg.head_dim * d)
             out["attn_scores"] += batch * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * seq * (seq + 1) // 2
-    out["lm_head"] = 2 * logits_tokens * d * cfg.vocab_size
+    out["lm_head"] = 2 * logits_tokens * d * cfg.padded_vocab_size  # the padded vocab columns are computed too
     out["total"] = sum(out.values())
     return out

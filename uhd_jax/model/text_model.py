@@ -22,12 +22,29 @@ import jax.numpy as jnp
 from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
-from uhd_jax.model.layers import REMAT_POLICIES, Dense
+from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
 from uhd_jax.parallel.axes import with_axes
 
 Dtype = Any
 
+
+def mask_padded_vocab(logits, vocab_size: int):
+    """logits [..., Vp] with the padded vocab columns (index >= vocab_size) set to the dtype's most negative finite
+    value: they never win an argmax and softmax / logsumexp give them exactly 0 weight, while staying finite (so
+    p * log p of them is 0, not NaN). A no-op when nothing is padded."""
+    if logits.shape[-1] == vocab_size:
+        return logits
+    real = jnp.arange(logits.shape[-1]) < vocab_size
+    return jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+
+
+def _zero_padded_vocab(init, vocab_size: int, axis: int):
+    """`init` with the padded vocab entries (index >= vocab_size along `axis`) zero: they are never used."""
+    def f(key, shape, dtype=jnp.float32):
+        real = (jnp.arange(shape[axis]) < vocab_size).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+        return jnp.where(real, init(key, shape, dtype), 0).astype(dtype)
+    return f
 
 
 def layer_period(layer_types: tuple[str, ...]) -> int:
@@ -183,7 +200,7 @@ class TextModel(nn.Module):
         embeddings where placed_mask [B, S] is True (visual tokens). last_logits_only: logits of each row's last
         real token only, [B, 1, V]. compute_logits=False skips lm_head and returns logits None (training with a
         chunked loss on out["norm"], the final hidden states, and `lm_head_table`). Returns (logits [B, S or 1, V]
-        or None, out)."""
+        or None, out); V is config.padded_vocab_size, the padded columns masked (`mask_padded_vocab`)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -191,8 +208,9 @@ class TextModel(nn.Module):
             raise ValueError("decode needs the cache from prefill")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
-        table = self.param("embed_tokens", with_axes(nn.initializers.normal(0.02), ("vocab", "embed")),
-                           (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
+        vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
+        table = self.param("embed_tokens", with_axes(_zero_padded_vocab(nn.initializers.normal(0.02), vocab, 0),
+                                                     ("vocab", "embed")), (padded, cfg.hidden_size), self.param_dtype)
         x = jnp.take(table, input_ids, axis=0).astype(self.dtype) if inputs_embeds is None \
             else inputs_embeds.astype(self.dtype)
         if placed_embeds is not None:
@@ -241,13 +259,15 @@ class TextModel(nn.Module):
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("bsd,vd->bsv", h, table.astype(self.dtype))
         else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="lm_head")(h)
-        return logits, out
+            logits = Dense(padded, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=_zero_padded_vocab(default_kernel_init, vocab, 1), name="lm_head")(h)
+        return mask_padded_vocab(logits, vocab), out
 
 
 def lm_head_table(text_params: dict, config: TextConfig):
-    """The output projection as a [V, D] table: the tied embedding, or the untied lm_head kernel transposed."""
+    """The output projection as a [Vp, D] table (Vp = config.padded_vocab_size): the tied embedding, or the untied
+    lm_head kernel transposed. Rows from config.vocab_size on are padding: give the loss
+    `valid_vocab=config.vocab_size`."""
     if config.tie_word_embeddings:
         return text_params["embed_tokens"]
     return text_params["lm_head"]["kernel"].T
