@@ -60,3 +60,11 @@ def test_python_example_matches_reference(tmp_path, monkeypatch):
     print(f"README example logits: max per-position rel err {err.max():.1e}")
     assert err.max() < 1e-4, err.max()
     assert scope["next_token"] == int(want[-1].argmax())
+
+
+def test_sharding_example_runs():
+    code = re.search(r"### Sharding and the train step\n\n```python\n(.*?)```", readme(), re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    metrics, state = scope["metrics"], scope["state"]
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])) and int(metrics["tokens"]) > 0

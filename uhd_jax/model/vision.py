@@ -20,7 +20,7 @@ from uhd_jax.data.layout import VisionBatch
 from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, Dtype, LayerNorm
 from uhd_jax.model.merger import Merger, fold_2x2
-from uhd_jax.parallel.axes import with_axes
+from uhd_jax.parallel.axes import VIEW_ACTIVATIONS, constrain, with_axes
 
 class VisionAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections. x: [V, T, D].
@@ -83,6 +83,7 @@ class EncoderLayer(nn.Module):
         x = x + VisionAttention(cfg, attn_impl=self.attn_impl, name="self_attn", **kw)(h, lengths)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
         x = x + VisionMLP(cfg, name="mlp", **kw)(h)
+        x = constrain(x, VIEW_ACTIVATIONS)
         return x, (x if self.collect else None)
 
 
@@ -216,14 +217,14 @@ class VisionEncoder(nn.Module):
         t = batch.tokens_per_view
         patches = batch.patches.reshape((-1, t, batch.patches.shape[-1])).astype(self.dtype)
         num_tokens = batch.num_tokens.reshape(-1).astype(jnp.int32)
-        patches = nn.with_logical_constraint(patches, ("activation_views", "activation_length", "activation_embed"))
+        patches = constrain(patches, VIEW_ACTIVATIONS)
         x, out = VisionTower(cfg.vision, attn_impl=self.attn_impl, remat=self.remat,
                              collect_layers=self.collect_layers, unroll=self.unroll, name="vision_tower", **kw)(
             patches, batch.pos_ids.reshape(-1, t), num_tokens, batch.mode)
         tokens = Merger(cfg.merger.merger_times, cfg.text.hidden_size, name="merger", **kw)(x)
         valid = jnp.arange(tokens.shape[1])[None, :] < (num_tokens // unit)[:, None]
         tokens = jnp.where(valid[..., None], tokens, 0)
-        tokens = nn.with_logical_constraint(tokens, ("activation_views", "activation_length", "activation_embed"))
+        tokens = constrain(tokens, VIEW_ACTIVATIONS)
         tokens = tokens.reshape(slots + tokens.shape[1:])
         valid = valid.reshape(slots + valid.shape[1:])
         out["tokens"] = tokens

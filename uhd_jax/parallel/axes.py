@@ -5,6 +5,7 @@ each goes on the (`data`, `fsdp`, `tensor`) mesh. Change sharding here, not in t
 """
 
 import flax.linen as nn
+import jax
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -30,7 +31,51 @@ LOGICAL_AXIS_RULES = (
     ("layers", None),
 )
 
+# Activation layouts at layer boundaries: views of the vision encoder [views, tokens, dim] and the LLM's
+# sequences [batch, length, dim].
+VIEW_ACTIVATIONS = ("activation_views", "activation_length", "activation_embed")
+TOKEN_ACTIVATIONS = ("activation_batch", "activation_length", "activation_embed")
+
 
 def with_axes(init, axes: tuple):
     """Wraps a parameter initializer so the parameter carries logical axis names."""
     return nn.with_logical_partitioning(init, axes)
+
+
+def mesh_axes_of(logical: tuple, rules=LOGICAL_AXIS_RULES) -> tuple:
+    """Logical names -> mesh axes (a name, a tuple of names, or None per dim) through the rules table."""
+    table = dict(rules)
+    out = []
+    for name in logical:
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+        out.append(None if name is None else table[name])
+    return tuple(out)
+
+
+def fit_spec(shape, mesh_axes, axis_sizes: dict) -> jax.sharding.PartitionSpec:
+    """PartitionSpec for an array of `shape`: each dim keeps the leading mesh axes of its rule whose product
+    divides it, and axes missing from the mesh or already used by an earlier dim are skipped."""
+    used, spec = set(), []
+    for dim, axes in zip(shape, mesh_axes):
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        keep, prod = [], 1
+        for a in axes:
+            size = axis_sizes.get(a)
+            if size is None or a in used or dim % (prod * size):
+                break
+            keep.append(a)
+            prod *= size
+        used.update(keep)
+        spec.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))
+    return jax.sharding.PartitionSpec(*spec)
+
+
+def constrain(x, logical: tuple):
+    """Sharding constraint on an activation by logical names, inside `jax.set_mesh(mesh)`; a no-op without a mesh
+    (single device, tests). Unlike `nn.with_logical_constraint`, a dim that a mesh axis does not divide (a decode
+    batch of 1 on data=8) stays unsharded instead of failing to compile."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(x.shape, mesh_axes_of(logical), dict(mesh.shape)))

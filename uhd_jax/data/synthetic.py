@@ -1,0 +1,71 @@
+"""Random static-shape ModelBatches straight from a model config: no tokenizer, no images on disk.
+
+For tests, benchmarks and smoke runs of the train step. Each row: some text, then for each of its views a run of
+image placeholders (one per visual token of the view) followed by two text tokens, then more text; the loss mask
+covers the text after the images. Views are random pixels of the given patch grids, laid out as the packer does
+(`layout.write_view`), so the batch passes `check_visual_placement`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from uhd_jax.config import ModelConfig
+from uhd_jax.data.batch import ModelBatch
+from uhd_jax.data.layout import VisionBatch, merge_levels, patches_per_token, write_view
+
+
+def random_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, views: Sequence[Sequence[tuple[int, int]]],
+                 views_per_row: int, tokens_per_view: int, seed: int = 0, text_tokens: int = 16,
+                 dtype=np.float32) -> ModelBatch:
+    """`views[b]`: the (h, w) patch grids of row b's views (rows beyond len(views) are padding rows; each grid
+    divisible by 2^levels). Raises if a row does not fit `seq_len` or its view slots."""
+    rng = np.random.default_rng(seed)
+    mode, mt = cfg.merger.downsample_mode, cfg.merger.merger_times
+    levels, unit = merge_levels(mode, mt), patches_per_token(mode, mt)
+    p, side = cfg.vision.patch_size, cfg.vision.positions_per_side
+    if tokens_per_view % unit:
+        raise ValueError(f"tokens_per_view={tokens_per_view} is not a multiple of {unit} ({mode})")
+    t_out = tokens_per_view // unit
+    vocab = cfg.text.vocab_size
+    special = {t for t in (cfg.image_token_id, cfg.video_token_id) if t is not None}
+    text_ids = np.array([t for t in range(min(vocab, 4096)) if t not in special], np.int32)
+
+    ids = np.zeros((batch_size, seq_len), np.int32)
+    amask = np.zeros((batch_size, seq_len), bool)
+    vindex = np.zeros((batch_size, seq_len), np.int32)
+    vmask = np.zeros((batch_size, seq_len), bool)
+    lmask = np.zeros((batch_size, seq_len), bool)
+    shape = (batch_size, views_per_row)
+    vb = {"patches": np.zeros(shape + (tokens_per_view, 3 * p * p), dtype), "pos_ids": np.zeros(
+        shape + (tokens_per_view,), np.int32), "num_tokens": np.zeros(shape, np.int32),
+        "grid": np.zeros(shape + (2,), np.int32)}
+    if len(views) > batch_size:
+        raise ValueError(f"{len(views)} rows of views for batch_size={batch_size}")
+    for b, grids in enumerate(views):
+        if len(grids) > views_per_row:
+            raise ValueError(f"row {b}: {len(grids)} views > views_per_row={views_per_row}")
+        row, placed, index = list(rng.choice(text_ids, text_tokens)), [False] * text_tokens, [0] * text_tokens
+        for slot, (h, w) in enumerate(grids):
+            view = rng.standard_normal((3, h * p, w * p)).astype(np.float32)
+            write_view(vb["patches"][b], vb["pos_ids"][b], vb["num_tokens"][b], vb["grid"][b], slot, view,
+                       patch_size=p, levels=levels, positions_per_side=side)
+            n = h * w // unit
+            row += [cfg.image_token_id] * n + list(rng.choice(text_ids, 2))
+            placed += [True] * n + [False] * 2
+            index += [slot * t_out + j for j in range(n)] + [0, 0]
+        start = len(row)
+        row += list(rng.choice(text_ids, text_tokens))
+        placed += [False] * text_tokens
+        index += [0] * text_tokens
+        if len(row) > seq_len:
+            raise ValueError(f"row {b} has {len(row)} tokens > seq_len={seq_len}")
+        n = len(row)
+        ids[b, :n], amask[b, :n], vmask[b, :n], vindex[b, :n] = row, True, placed, index
+        lmask[b, start:n] = True
+    positions = np.where(amask, np.arange(seq_len)[None], 0).astype(np.int32)
+    vision = VisionBatch(**vb, mode=mode, merger_times=mt) if views_per_row else None
+    return ModelBatch(input_ids=ids, attention_mask=amask, positions=positions, visual_index=vindex,
+                      visual_mask=vmask, loss_mask=lmask, vision=vision)
