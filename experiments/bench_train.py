@@ -114,6 +114,45 @@ def cast_kernels(tree):
         lambda path, x: x.astype(jnp.bfloat16) if getattr(path[-1], "key", None) == "kernel" else x, tree)
 
 
+def library_step(cfg, batches, params, vf, args, peak_gib):
+    """The whole step as the trainer runs it: uhd_jax.train.step.make_train_step (loss over every position with
+    the loss mask, gradients, clipping, AdamW update; the state donated), remat dots, unrolled scans."""
+    from uhd_jax.parallel.mesh import global_batch, make_mesh
+    from uhd_jax.train.optimizer import make_optimizer
+    from uhd_jax.train.step import init_train_state, make_train_step
+
+    model = MiniCPMV(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat_policy="dots",
+                     vision_remat_policy="none", unroll=True)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    opt = make_optimizer(1e-5)
+    state, shardings = init_train_state(model, opt, batches[0], mesh, jax.random.PRNGKey(0), params=params)
+    step = make_train_step(model, opt, shardings, mesh)
+    dbatches = [global_batch(b, mesh) for b in batches]
+    seq = batches[0].input_ids.shape[1]
+    flops = 3 * vf + 3 * text_forward_flops(cfg.text, BATCH, seq)["total"]
+    t = time.perf_counter()
+    state, m = step(state, dbatches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    state, m = step(state, dbatches[1])
+    jax.block_until_ready(m)
+    ts = []
+    for i in range(args.iters):
+        t = time.perf_counter()
+        state, m = step(state, dbatches[i % 2])
+        jax.block_until_ready(m)
+        ts.append(time.perf_counter() - t)
+    ms = statistics.median(ts) * 1e3
+    tokens = BATCH * seq
+    r = dict(name="library train step (AdamW update included)", ms=ms, ms_min=min(ts) * 1e3, flops=flops,
+             tflops_per_s=flops / ms / 1e9, mfu=flops / (ms * 1e-3) / PEAK, tokens_per_s=tokens / (ms * 1e-3),
+             compile_s=compile_s, peak_gib_so_far=peak_gib(), loss=float(m["loss"]))
+    print(f"{r['name']:44s} {ms:8.1f} ms (min {r['ms_min']:.1f}) {r['tflops_per_s']:6.1f} TFLOP/s  "
+          f"MFU {100 * r['mfu']:5.1f}%  {r['tokens_per_s']:.0f} tokens/s  compile+first {compile_s:5.1f} s  "
+          f"device peak {r['peak_gib_so_far']:5.1f} GiB", flush=True)
+    return r
+
+
 def parse_variants(spec: str) -> list[dict]:
     out = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
@@ -138,6 +177,9 @@ def main():
     ap.add_argument("--profile", default="", help="comma list of variant names (whole step) and/or 'text', 'vision' (parts) to trace to "
                          "$OUT/trace_<name>")
     ap.add_argument("--budget-s", type=float, default=480, help="skip remaining variants past this wall time")
+    ap.add_argument("--library-step", action="store_true",
+                    help="also time the library's train step (uhd_jax.train.step: loss + grads + AdamW update, "
+                         "donated state, one-device mesh) with the base variant's model settings")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -249,7 +291,7 @@ def main():
         if args.parts and vi == 0:
             enc = VisionEncoder(cfg, jnp.bfloat16, jnp.float32, remat=v["vremat"])
             vbs = [b.vision for b in dbatches]
-            out_shape = (BATCH * VIEWS, tokens_per_view >> 4, cfg.text.hidden_size)
+            out_shape = (BATCH, VIEWS, tokens_per_view >> 4, cfg.text.hidden_size)
             cts = [jax.random.normal(jax.random.PRNGKey(i), out_shape, jnp.bfloat16) for i in range(2)]
 
             def vloss(pv, vb, ct, cast=cast):
@@ -282,6 +324,9 @@ def main():
             compile_and_time("text alone fwd+bwd (placed random embeds)", jax.value_and_grad(tloss),
                              [(params["text"], b, e) + l for b, e, l in zip(dbatches, placed, linputs)], 3 * tf,
                              trace="text" in args.profile.split(","))
+
+    if args.library_step:
+        results["library_step"] = library_step(cfg, batches, params, vf, args, peak_gib)
 
     results["peak_gib"] = peak_gib()
     print("\nsummary (target: whole step >= 30% MFU; transformers reference 2.64 s, ~3% MFU, 62 GiB)")

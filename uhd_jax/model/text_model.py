@@ -24,7 +24,7 @@ from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
-from uhd_jax.parallel.axes import with_axes
+from uhd_jax.parallel.axes import TOKEN_ACTIVATIONS, constrain, with_axes
 
 Dtype = Any
 
@@ -136,6 +136,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         x = x + MLP(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(
             norm("post_attention_layernorm")(x))
+        x = constrain(x, TOKEN_ACTIVATIONS)
         return x, cache
 
 
@@ -215,6 +216,7 @@ class TextModel(nn.Module):
             else inputs_embeds.astype(self.dtype)
         if placed_embeds is not None:
             x = jnp.where(placed_mask[..., None], placed_embeds.astype(self.dtype), x)
+        x = constrain(x, TOKEN_ACTIVATIONS)
         bsz, s, _ = x.shape
 
         if decode:

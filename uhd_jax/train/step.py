@@ -77,7 +77,7 @@ def init_train_state(model: MiniCPMV, optimizer, example_batch: ModelBatch, mesh
             params = jax.device_put(params, shardings.params)
             state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                  opt_state=optimizer.init(p)),
-                            out_shardings=shardings, donate_argnums=0)(params)
+                            out_shardings=shardings)(params)  # not donated: the caller may still hold `params`
     return state, shardings
 
 
