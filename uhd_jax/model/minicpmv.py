@@ -81,7 +81,9 @@ def gather_visual_tokens(tokens, visual_index):
 
 
 class MiniCPMV(nn.Module):
-    """ModelBatch -> (logits [B, S, V] (or [B, 1, V] with last_logits_only; None with compute_logits=False), out).
+    """ModelBatch -> (logits [B, S, Vp] (or [B, 1, Vp] with last_logits_only; None with compute_logits=False), out).
+    Vp = config.text.padded_vocab_size; the padded columns hold the most negative finite value, so they never win
+    an argmax and have probability 0.
 
     out: "vision" (the encoder's intermediates, with "tokens" [B, Vr, T_out, D]) and the text model's intermediates
     ("embeds" after placement, "layer_XX", "norm", and "cache" when a cache is passed)."""

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from uhd_jax.parallel.axes import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, mesh_axes_of
+from uhd_jax.parallel.axes import MESH_AXES, fit_spec, mesh_axes_of
 
 BATCH_AXES = ("activation_batch",)
 
