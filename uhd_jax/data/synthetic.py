@@ -19,9 +19,10 @@ from uhd_jax.data.layout import VisionBatch, merge_levels, patches_per_token, wr
 
 def random_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, views: Sequence[Sequence[tuple[int, int]]],
                  views_per_row: int, tokens_per_view: int, seed: int = 0, text_tokens: int = 16,
-                 dtype=np.float32) -> ModelBatch:
+                 counting: bool = False, dtype=np.float32) -> ModelBatch:
     """`views[b]`: the (h, w) patch grids of row b's views (rows beyond len(views) are padding rows; each grid
-    divisible by 2^levels). Raises if a row does not fit `seq_len` or its view slots."""
+    divisible by 2^levels). Raises if a row does not fit `seq_len` or its view slots. `counting`: the text after
+    the images cycles through 32 tokens from a random start (a learnable target: a training run's loss falls)."""
     rng = np.random.default_rng(seed)
     mode, mt = cfg.merger.downsample_mode, cfg.merger.merger_times
     levels, unit = merge_levels(mode, mt), patches_per_token(mode, mt)
@@ -57,7 +58,11 @@ def random_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, views: Sequ
             placed += [True] * n + [False] * 2
             index += [slot * t_out + j for j in range(n)] + [0, 0]
         start = len(row)
-        row += list(rng.choice(text_ids, text_tokens))
+        if counting:  # a cycle through 32 tokens from a random start: learnable in a few dozen steps
+            first = int(rng.integers(0, 32))
+            row += [int(text_ids[(first + j) % 32]) for j in range(text_tokens)]
+        else:
+            row += list(rng.choice(text_ids, text_tokens))
         placed += [False] * text_tokens
         index += [0] * text_tokens
         if len(row) > seq_len:
@@ -69,3 +74,43 @@ def random_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, views: Sequ
     vision = VisionBatch(**vb, mode=mode, merger_times=mt) if views_per_row else None
     return ModelBatch(input_ids=ids, attention_mask=amask, positions=positions, visual_index=vindex,
                       visual_mask=vmask, loss_mask=lmask, vision=vision)
+
+
+class RandomBatches:
+    """Endless random batches of this host's rows (the `random` data source): row r of global batch i gets 0, 1
+    or 2 views of random grids, a counting text target, all from a seed derived from (seed, i, r), so every host
+    builds only its own rows and a restored state continues exactly. `get_state`/`set_state` as grain's."""
+
+    GRIDS = ((4, 4), (4, 8), (8, 4), (8, 8))
+
+    def __init__(self, cfg: ModelConfig, *, global_batch: int, seq_len: int, views_per_row: int,
+                 tokens_per_view: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
+        if global_batch % shard_count:
+            raise ValueError(f"batch_size {global_batch} is not divisible by {shard_count} hosts")
+        self.cfg, self.seq_len, self.vpr, self.tpv, self.seed = cfg, seq_len, views_per_row, tokens_per_view, seed
+        self.rows = global_batch // shard_count
+        self.first_row = shard_index * self.rows
+        side = int(np.sqrt(tokens_per_view))
+        self.grids = [g for g in self.GRIDS if g[0] * g[1] <= tokens_per_view and max(g) <= side] or [(4, 4)]
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> ModelBatch:
+        rows = []
+        for r in range(self.first_row, self.first_row + self.rows):
+            rng = np.random.default_rng((self.seed, self.index, r))
+            n = int(rng.integers(0, min(self.vpr, 2) + 1)) if self.vpr else 0
+            rows.append([self.grids[int(k)] for k in rng.integers(0, len(self.grids), n)])
+        batch = random_batch(self.cfg, batch_size=self.rows, seq_len=self.seq_len, views=rows,
+                             views_per_row=self.vpr, tokens_per_view=self.tpv, counting=True,
+                             seed=hash((self.seed, self.index, self.first_row)) % (1 << 31), text_tokens=24)
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])

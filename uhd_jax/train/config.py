@@ -1,0 +1,99 @@
+"""The trainer's configuration: one ml_collections ConfigDict, built by `configs/*.py:get_config(arg)`.
+
+`base_config()` holds every key with its default and type; config files change values, never add keys, and the
+command line overrides any field (`--config.optimizer.learning_rate=2e-5`). The dict is locked, so an unknown key
+or a value of the wrong type is an error naming the key (ml_collections' own checks). `check_config` adds the
+checks that need several fields at once.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODEL_NAMES = ("tiny", "reference", "dir")
+DATA_SOURCES = ("random",)
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "tiny"  # tiny: tiny_config(); reference: the real architecture, random weights; dir: init.from
+    c.model.text_model = "qwen3_5_text"  # tiny only: qwen3_5_text (hybrid) or qwen3 (dense)
+    c.model.downsample_mode = "16x"
+    c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
+    c.model.attention = "auto"
+    c.model.remat = "dots"
+    c.model.vision_remat = "none"
+    c.model.unroll = False
+
+    c.init = ml_collections.ConfigDict()
+    c.init["from"] = ""  # a converted checkpoint directory (uhd_jax.convert hf-to-jax / from-separate)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "random"
+    c.data.seq_len = 1024
+    c.data.views_per_row = 10
+    c.data.tokens_per_view = 1024
+    c.data.num_workers = 0
+    c.data.max_bad_fraction = 0.01
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.warmup_steps = 0
+    c.optimizer.end_lr_ratio = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 8  # global rows per step (all hosts)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 0  # 0: no evaluation
+    c.train.eval_batches = 4
+    c.train.peak_tflops = 0.0  # per device, for MFU; 0: from the device kind when known
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`"k=v,k2=v2"` (the part after ':' in --config FILE:ARG) -> ConfigDict over `defaults`; values take the
+    defaults' types; an unknown key is an error naming it."""
+    out = ml_collections.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        if "=" not in part:
+            raise ValueError(f"config argument {part!r} is not key=value (known keys: {sorted(defaults)})")
+        k, v = part.split("=", 1)
+        if k not in defaults:
+            raise ValueError(f"unknown config argument {k!r} (known: {sorted(defaults)})")
+        kind = type(defaults[k])
+        out[k] = (v.lower() in ("1", "true", "yes")) if kind is bool else kind(v)
+    return out
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+    """Checks across fields; raises ValueError naming the key."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ValueError(f"config {key}: {msg}")
+
+    need(c.model.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got {c.model.name!r}")
+    need(c.model.name != "dir" or c.init["from"], "init.from", "model.name='dir' needs a checkpoint directory")
+    need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {c.model.dtype!r}")
+    need(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {c.data.source!r}")
+    need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
+    need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")
+    for k in ("log_every", "checkpoint_every"):
+        need(c.train[k] >= 1, f"train.{k}", f"must be >= 1, got {c.train[k]}")
+    need(0.0 <= c.data.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")

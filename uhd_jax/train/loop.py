@@ -1,0 +1,275 @@
+"""The training run: config -> mesh, model, sharded state, data -> steps, logs, evaluation, Orbax checkpoints.
+
+    python3 -m uhd_jax.train --config configs/tiny.py --workdir /tmp/run
+
+The workdir holds `config.json` (the resolved config), `metrics.jsonl` (one object per logged step), TensorBoard
+event files under `tb/`, and `checkpoints/STEP/` (Orbax: the train state, sharded, and the data iterator state).
+A run restarted on the same workdir resumes from the newest complete checkpoint, exactly: same parameters,
+same data order. SIGTERM (preemption) saves a checkpoint and exits 0. A non-finite loss or gradient stops the run
+naming the step, before anything of that step is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from uhd_jax.config import ModelConfig, reference_config, tiny_config
+from uhd_jax.data.synthetic import RandomBatches
+from uhd_jax.model.flops import vision_flops
+from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
+from uhd_jax.model.text_flops import text_forward_flops
+from uhd_jax.parallel.mesh import batch_rows_divisor, global_batch, initialize_distributed, make_mesh
+from uhd_jax.train.config import check_config
+from uhd_jax.train.optimizer import make_optimizer
+from uhd_jax.train.step import TrainState, init_train_state, loss_fn, make_train_step, state_shardings
+
+
+
+def _say(msg: str):
+    """Progress for the person running it (process 0 only)."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+# bf16 dense peak per chip, for MFU (TFLOP/s); unknown kinds report no MFU unless train.peak_tflops is set
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
+               "TPU v4": 275.0, "TPU v6 lite": 918.0}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm of a step is NaN or infinite; nothing of that step was saved."""
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    if c.model.name == "tiny":
+        cfg = tiny_config(text_model=c.model.text_model, downsample_mode=c.model.downsample_mode)
+    elif c.model.name == "reference":
+        cfg = reference_config()
+        cfg = cfg.replace(merger=dataclasses.replace(cfg.merger, downsample_mode=c.model.downsample_mode))
+    else:
+        cfg = ModelConfig.from_json(c.init["from"])
+    return cfg.replace(text=cfg.text.with_vocab_multiple(max(1, int(c.mesh.tensor))))
+
+
+def peak_flops(c) -> float | None:
+    if c.train.peak_tflops > 0:
+        return c.train.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tf in PEAK_TFLOPS.items():
+        if name in kind:
+            return tf * 1e12
+    return None
+
+
+def step_flops(cfg: ModelConfig, c) -> float:
+    """FLOPs one step executes (padding included: it is computed): 3x the forward (forward + backward)."""
+    b, s = c.train.batch_size, c.data.seq_len
+    v = vision_flops(cfg, [c.data.tokens_per_view] * (b * c.data.views_per_row), cfg.merger.downsample_mode)["total"] \
+        if c.data.views_per_row else 0
+    return 3.0 * (v + text_forward_flops(cfg.text, b, s)["total"])
+
+
+def make_data(cfg: ModelConfig, c, *, seed: int):
+    if c.data.source == "random":
+        return RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
+                             views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view, seed=seed,
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
+    raise ValueError(f"config data.source: unknown source {c.data.source!r}")
+
+
+class MetricWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars; process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.on = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.on:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict):
+        if not self.on:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v is not None and np.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _checkpoint_manager(workdir: str, c) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_checkpoints, create=True,
+                                        cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=opts)
+
+
+def _save(mngr, step: int, state, data_state: dict, *, force: bool = False):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def _restore(mngr, step: int, shardings, abstract_state):
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                          shardings)
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                     data=ocp.args.JsonRestore()))
+    return got.state, got.data
+
+
+def evaluate(model, params, batches, mesh) -> float:
+    """Mean loss over `batches` (held-out; weighted by target tokens)."""
+    fn = jax.jit(lambda p, b: loss_fn(model, p, b))
+    total = tokens = 0.0
+    with jax.set_mesh(mesh):
+        for b in batches:
+            loss, aux = fn(params, global_batch(b, mesh))
+            n = float(aux["tokens"])
+            total, tokens = total + float(loss) * n, tokens + n
+    return total / max(tokens, 1.0)
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) the training run of config `c` in `workdir`. Returns a summary dict."""
+    check_config(c)
+    initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=2))
+
+    cfg = model_config(c)
+    mesh = make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+    if c.train.batch_size % batch_rows_divisor(mesh):
+        raise ValueError(f"config train.batch_size: {c.train.batch_size} rows do not split over the batch mesh "
+                         f"axes (data x fsdp = {batch_rows_divisor(mesh)})")
+    dtype = jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
+    model = MiniCPMV(cfg, dtype=dtype, param_dtype=jnp.float32, attention_impl=c.model.attention,
+                     remat_policy=c.model.remat, vision_remat_policy=c.model.vision_remat,
+                     unroll=True if c.model.unroll else 1)
+    try:
+        opt = make_optimizer(c.optimizer.learning_rate, warmup_steps=c.optimizer.warmup_steps,
+                             total_steps=c.train.steps, end_lr_ratio=c.optimizer.end_lr_ratio,
+                             weight_decay=c.optimizer.weight_decay, b1=c.optimizer.b1, b2=c.optimizer.b2,
+                             eps=c.optimizer.eps, clip_norm=c.optimizer.clip_norm or None)
+    except ValueError as e:
+        raise ValueError(f"config optimizer (with train.steps={c.train.steps}): {e}") from None
+    data = make_data(cfg, c, seed=c.seed)
+    example = next(make_data(cfg, c, seed=c.seed))
+    check_visual_placement(example, cfg.image_token_id)
+
+    mngr = _checkpoint_manager(workdir, c)
+    start = mngr.latest_step()
+    shardings = state_shardings(model, opt, example, mesh)
+    if start is None:
+        init_params = None
+        if c.init["from"]:
+            from uhd_jax.convert import load_checkpoint
+
+            _, init_params = load_checkpoint(c.init["from"], vocab_pad_multiple=cfg.text.vocab_pad_multiple)
+        state, shardings = init_train_state(model, opt, example, mesh, jax.random.key(c.seed), params=init_params)
+        start = 0
+        _say(f"fresh run: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, mesh "
+             f"{dict(mesh.shape)}, workdir {workdir}")
+    else:
+        abstract = jax.eval_shape(lambda r: _fresh_state(model, opt, example, r), jax.random.key(0))
+        state, data_state = _restore(mngr, start, shardings, abstract)
+        data.set_state(data_state)
+        _say(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints', str(start))})")
+
+    step_fn = make_train_step(model, opt, shardings, mesh)
+    writer = MetricWriter(workdir)
+    flops, peak = step_flops(cfg, c), peak_flops(c)
+    n_dev = jax.device_count()
+    eval_batches = None
+    if c.train.eval_every:
+        held_out = make_data(cfg, c, seed=c.seed + 1_000_003)  # a different stream: never trained on
+        eval_batches = [next(held_out) for _ in range(c.train.eval_batches)]
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    first_loss = last_loss = None
+    t_run = time.perf_counter()
+    window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "tokens": 0}
+    step = start
+    try:
+        while step < c.train.steps:
+            t0 = time.perf_counter()
+            batch = global_batch(next(data), mesh)
+            window["wait"] += time.perf_counter() - t0
+            state, metrics = step_fn(state, batch)
+            step += 1
+            window["steps"] += 1
+            window["tokens"] += c.train.batch_size * c.data.seq_len
+            if step % c.train.log_every == 0 or step == c.train.steps or step == start + 1:
+                m = jax.device_get(metrics)
+                loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+                if not _finite(m):
+                    raise NonFiniteLoss(f"step {step}: loss {loss}, grad norm {gnorm}; stopping without saving "
+                                        f"(the newest checkpoint is step {mngr.latest_step()})")
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                dt = time.perf_counter() - window["t"]
+                per_step = dt / window["steps"]
+                row = {"loss": loss, "grad_norm": gnorm, "lr": float(m["lr"]) if "lr" in m else None,
+                       "step_time_s": per_step,
+                       "tokens_per_s": window["tokens"] / dt, "data_wait_share": window["wait"] / dt,
+                       "tflops_per_s": flops / per_step / 1e12,
+                       "mfu": flops / per_step / (peak * n_dev) if peak else None,
+                       "eta_s": per_step * (c.train.steps - step)}
+                if eval_batches and (step % c.train.eval_every == 0 or step == c.train.steps):
+                    row["eval_loss"] = evaluate(model, state.params, eval_batches, mesh)
+                writer.write(step, row)
+                mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+                lr = f"{row['lr']:.2e}" if row["lr"] is not None else "n/a"
+                speed = (f"compile + first step {dt:.1f} s" if step == start + 1 else
+                         f"{row['tokens_per_s']:.0f} tok/s  MFU {mfu}  {per_step:.3f} s/step  "
+                         f"data {100 * row['data_wait_share']:.0f}%  ETA {row['eta_s']:.0f} s")
+                _say(f"step {step}/{c.train.steps}  loss {loss:.4f}  grad {gnorm:.3f}  lr {lr}  {speed}"
+                     + (f"  eval {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
+                window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "tokens": 0}
+            if step % c.train.checkpoint_every == 0 or step == c.train.steps or stop["signal"]:
+                if not _finite(jax.device_get(metrics)):
+                    raise NonFiniteLoss(f"step {step}: non-finite loss or gradient; stopping without saving "
+                                        f"(the newest checkpoint is step {mngr.latest_step()})")
+                _save(mngr, step, state, data.get_state(), force=True)
+            if stop["signal"]:
+                _say(f"SIGTERM at step {step}: checkpoint saved, exiting")
+                break
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous)
+    summary = {"workdir": workdir, "steps": step, "first_loss": first_loss, "last_loss": last_loss,
+               "checkpoint": os.path.join(workdir, "checkpoints", str(mngr.latest_step())),
+               "seconds": time.perf_counter() - t_run, "preempted": bool(stop["signal"])}
+    return summary
+
+
+def _fresh_state(model, opt, example, rng):
+    """The TrainState's structure (for restoring): what init_train_state builds."""
+    params = nn.unbox(model.init(rng, example)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+
+
+def _finite(m) -> bool:
+    if "finite" in m:
+        return bool(m["finite"])
+    return bool(np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"])))
