@@ -19,7 +19,8 @@ def readme():
 
 def test_readme_starts_with_install_demo_and_test_commands():
     first_block = re.search(r"```bash\n(.*?)```", readme(), re.S).group(1).strip().splitlines()
-    assert "uhd_jax.demo" in first_block[0] and first_block[0].startswith("pip install -r requirements.txt")
+    assert "uhd_jax.train --config configs/tiny.py" in first_block[0]
+    assert first_block[0].startswith("pip install -r requirements.txt")
     assert "pytest" in first_block[1]
     test_cmd = first_block[1].split("&&")[-1].split("#")[0].strip()
     with open(os.path.join(ROOT, ".ci", "run")) as f:
