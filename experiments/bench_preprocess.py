@@ -1,7 +1,7 @@
 """Host preprocessing throughput: JPEG file -> Sample (decode, slice, normalize, prompt, token ids) -> packed
 static arrays, for 1344x1344 and 4000x3000 JPEGs (generated here), on this machine's cores.
 
-    python experiments/bench_preprocess.py                # exact path, 1 worker and a pool of all cores
+    python experiments/bench_preprocess.py                # exact path; grain pipeline with 1 and <cores> workers
     python experiments/bench_preprocess.py --n 40 --workers 1,2,4 --draft
 
 Columns: ms per image on one core, images/s per core, and the host cores ~50 images/s per GPU needs
@@ -24,10 +24,12 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uhd_jax.data.image_io import LoadOptions, RecordStats, load_image  # noqa: E402
-from uhd_jax.data.packer import Packer, PackerConfig, iter_batches  # noqa: E402
-from uhd_jax.data.processor import Processor, SampleRequest  # noqa: E402
+from uhd_jax.data.image_io import LoadOptions, load_image  # noqa: E402
+from uhd_jax.data.packer import Packer, PackerConfig  # noqa: E402
+from uhd_jax.data.pipeline import make_batches  # noqa: E402
+from uhd_jax.data.processor import Processor  # noqa: E402
 from uhd_jax.data.slicer import slice_image  # noqa: E402
+from uhd_jax.data.sources import JsonlSource  # noqa: E402
 
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "reference",
                    "minicpm-v-4.6")
@@ -98,20 +100,24 @@ def timeit(fn, n, repeats=3):
     return best
 
 
-def make_request(path):
-    return SampleRequest(messages=[{"role": "user", "content": [{"type": "image", "image": path},
-                                                                 {"type": "text", "text": "describe it in detail"}]},
-                                   {"role": "assistant", "content": "it is an image"}], name=path)
+def write_jsonl(path: str, images: list[str]) -> str:
+    """A MiniCPM-V fine-tuning JSONL file with one record per image (the pipeline's source)."""
+    with open(path, "w") as f:
+        for p in images:
+            f.write(json.dumps({"image": p, "conversations": [
+                {"role": "user", "content": "<image>\ndescribe it in detail"},
+                {"role": "assistant", "content": "it is an image"}]}) + "\n")
+    return path
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=12, help="images per single-core measurement")
-    ap.add_argument("--pool-n", type=int, default=24, help="images per pool measurement")
-    ap.add_argument("--workers", default=None, help="comma list of pool sizes (default: 1,<cores>)")
+    ap.add_argument("--pool-n", type=int, default=24, help="images per pipeline measurement")
+    ap.add_argument("--workers", default=None, help="comma list of grain worker counts (0: in-process; default: 1,<cores>)")
     ap.add_argument("--draft", action="store_true", help="also measure JPEG draft decoding (approximate)")
     ap.add_argument("--sizes", default="1344x1344,4000x3000", help="WxH list")
-    ap.add_argument("--patches-dtype", default="float32,bfloat16", help="pool batches' patch dtypes (comma list)")
+    ap.add_argument("--patches-dtype", default="float32,bfloat16", help="pipeline batches' patch dtypes (comma list)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     workers = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
@@ -163,16 +169,19 @@ def main():
         for dt in args.patches_dtype.split(","):
             cfg = PackerConfig(batch_size=4, seq_buckets=(4096,), tokens_per_view=1152, views_per_row=10,
                                patches_dtype=dt)
+            src = JsonlSource(write_jsonl(os.path.join(tmp, f"pool_{w}x{h}.jsonl"), recs))
             for k in workers:
-                stats = RecordStats()
-                # start-up (process start, imports) not counted: the first chunk per worker is a warm-up
-                it = iter_batches(recs + recs[:4 * k], make_request, config=cfg, model_dir=model_dir,
-                                  num_workers=k, stats=stats, chunk_batches=1)
-                for _ in range(k):
+                # an endless stream timed over a fixed number of batches (the end of a finite one costs grain ~1 s
+                # of polling); start-up (process start, imports) not counted: each worker's first batch is a warm-up
+                it = make_batches(src, proc, cfg, batch_size_per_host=4, shuffle=False, num_workers=k,
+                                  max_bad_fraction=0.0, shard_index=0, shard_count=1)
+                for _ in range(max(k, 1)):
                     next(it)
                 t = time.perf_counter()
-                n = sum(int(b.attention_mask.any(1).sum()) for b in it)
+                n = sum(int(next(it).attention_mask.any(1).sum()) for _ in range(max(1, args.pool_n // 4)))
                 dt_s = time.perf_counter() - t
+                it.close()
+                del it
                 pool_rows.append((f"{w}x{h}", dt, k, n / dt_s))
 
     print(f"\nHost preprocessing, {cores} cores ({os.uname().machine}), Pillow {Image.__version__}, "
@@ -181,13 +190,14 @@ def main():
     print("|---|---|---:|---:|---:|")
     for label, stage, t in rows:
         print(f"| {label} | {stage} | {t * 1e3:.1f} | {1 / t:.1f} | {TARGET_PER_GPU * t:.1f} |")
-    print("\nWorker pool (packer.iter_batches: file -> ModelBatch [4 x 4096, 40 views x 1152 patches], exact "
-          "pixels for float32; batches packed straight into /dev/shm and mapped here; pool start-up excluded; "
-          "this process also runs on the same cores):\n")
+    print("\nGrain pipeline (pipeline.make_batches over a JSONL source: file -> ModelBatch [4 x 4096, 40 views x "
+          "1152 patches], exact pixels for float32; each worker packs whole batches into shared memory that grain "
+          "hands to this process; 0 workers = in this process; worker start-up excluded; this process also runs "
+          "on the same cores):\n")
     print("| image | patches | workers | images/s | images/s per worker | cores for 50 img/s per GPU |")
     print("|---|---|---:|---:|---:|---:|")
     for label, dt, k, r in pool_rows:
-        print(f"| {label} | {dt} | {k} | {r:.1f} | {r / k:.1f} | {TARGET_PER_GPU * k / r:.1f} |")
+        print(f"| {label} | {dt} | {k} | {r:.1f} | {r / max(k, 1):.1f} | {TARGET_PER_GPU * max(k, 1) / r:.1f} |")
     for n in notes:
         print("\n" + n)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,13 +1,12 @@
-"""Robust image loading: every bad-input case, mode conversions vs transformers, EXIF, animation, bad records."""
-
-import functools
+"""Robust image loading: every bad-input case, mode conversions vs transformers, EXIF, animation (skipping bad
+records in a dataset: tests/test_pipeline.py)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.data_utils import jpeg_bytes, random_image
-from uhd_jax.data.image_io import ImageLoadError, RecordStats, load_image, robust_map
+from uhd_jax.data.image_io import ImageLoadError, load_image
 
 
 def _ref_convert(img):
@@ -209,64 +208,3 @@ def test_bytes_and_jpeg_draft(rgb):
     assert full.size == (1200, 800)
     d = load_image(data, jpeg_draft_margin=1.0, target_size=(200, 300))
     assert d.size[0] < 1200 and d.size[0] >= 300 and d.size[1] >= 200  # decoded at reduced scale
-
-
-# ------------------------------------------------------------------------------------------------ records
-
-def _load_size(path):
-    return load_image(path).size
-
-
-def _bad_dataset(tmp_path):
-    good = []
-    for i in range(4):
-        p = tmp_path / f"ok{i}.png"
-        random_image(20 + i, 30, i).save(p)
-        good.append(str(p))
-    empty = tmp_path / "empty.jpg"
-    empty.write_bytes(b"")
-    txt = tmp_path / "text.png"
-    txt.write_text("hello")
-    records = [good[0], str(tmp_path / "missing.jpg"), good[1], str(empty), good[2], str(txt), good[3]]
-    return records, good
-
-
-def test_robust_map_skips_and_reports(tmp_path):
-    records, good = _bad_dataset(tmp_path)
-    stats = RecordStats()
-    seen = []
-    out = list(robust_map(_load_size, records, stats=stats, on_bad=seen.append))
-    assert out == [(30, 20 + i) for i in range(4)]
-    assert (stats.ok, stats.bad) == (4, 3)
-    assert [b.index for b in stats.bad_records] == [1, 3, 5]
-    assert [b.source for b in stats.bad_records] == [records[1], records[3], records[5]]
-    assert "no such file" in stats.bad_records[0].reason and "empty" in stats.bad_records[1].reason
-    rep = stats.report()
-    assert "4 records ok, 3 bad" in rep and records[5] in rep
-    assert len(seen) == 3
-
-
-def test_robust_map_records_other_errors_and_dicts():
-    def boom(rec):
-        if rec["id"] == "b":
-            raise KeyError("caption")
-        return rec["id"]
-
-    stats = RecordStats()
-    assert list(robust_map(boom, [{"id": "a"}, {"id": "b"}, {"id": "c"}], stats=stats)) == ["a", "c"]
-    assert stats.bad_records[0].source == "b" and "KeyError" in stats.bad_records[0].reason
-
-
-def test_robust_map_bad_fraction_guard():
-    def fail(_):
-        raise ValueError("broken")
-
-    with pytest.raises(RuntimeError, match="records failed"):
-        list(robust_map(fail, range(50), max_bad_fraction=0.5, min_records_for_fraction=10))
-
-
-def test_robust_map_worker_pool(tmp_path):
-    records, _ = _bad_dataset(tmp_path)
-    stats = RecordStats()
-    out = list(robust_map(functools.partial(_load_size), records, num_workers=2, stats=stats))
-    assert out == [(30, 20 + i) for i in range(4)] and stats.bad == 3

@@ -1,4 +1,5 @@
-"""Packer: static shapes, visual-token placement, buckets, overflow policies, streaming batches."""
+"""Packer: static shapes, visual-token placement, buckets, overflow policies, streaming batches (the dataset
+pipeline with worker processes and bad records: tests/test_pipeline.py)."""
 
 import jax
 import numpy as np
@@ -215,71 +216,3 @@ def test_vision_arrays_equal_layout_pack_views(proc, mode):
     for f in ("patches", "pos_ids", "num_tokens", "grid"):
         np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
     assert (got.mode, got.merger_times) == (want.mode, want.merger_times)
-
-
-def _request(rec):
-    from uhd_jax.data.processor import SampleRequest
-
-    return SampleRequest(messages=[{"role": "user", "content": [{"type": "image", "image": rec}, "Describe."]},
-                                   {"role": "assistant", "content": "A gradient."}])
-
-
-def _dataset(tmp_path):
-    paths = []
-    for i, size in enumerate([(300, 400), (40, 50), (900, 900), (120, 80), (500, 700)]):
-        p = tmp_path / f"im{i}.jpg"
-        random_image(*size, seed=i).save(p, quality=92)
-        paths.append(str(p))
-    bad = tmp_path / "bad.png"
-    bad.write_text("not an image")
-    return paths[:2] + [str(bad), str(tmp_path / "missing.jpg")] + paths[2:]
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_iter_batches_pipeline(proc, tmp_path, workers):
-    from uhd_jax.data.image_io import RecordStats
-    from uhd_jax.data.packer import iter_batches
-
-    model_dir = make_model_dir(tmp_path / "m")
-    recs = _dataset(tmp_path)
-    cfg = PackerConfig(batch_size=2, seq_buckets=(256, 1024), views_per_row=6)
-    stats = RecordStats()
-    batches = list(iter_batches(recs, _request, config=cfg, model_dir=model_dir, num_workers=workers, stats=stats,
-                                chunk_batches=2))
-    assert (stats.ok, stats.bad) == (5, 2)
-    assert {b.source for b in stats.bad_records} == {recs[2], recs[3]}
-    assert "not a recognized image format" in stats.bad_records[0].reason
-    # same samples, same order as processing them directly; static shapes
-    want = [proc.build(_request(r)) for r in recs if r not in (recs[2], recs[3])]
-    rows = [(b, r) for b in batches for r in range(2) if b.attention_mask[r].any()]
-    assert len(rows) == 5
-    for (b, r), s in zip(rows, want):
-        np.testing.assert_array_equal(b.input_ids[r][b.attention_mask[r]], s.input_ids)
-    for b in batches:
-        assert b.vision.patches.shape == (2, 6, 1152, 588) and b.input_ids.shape[0] == 2
-        assert int(b.visual_mask.sum()) == int(((b.input_ids == proc.image_token_id) & b.attention_mask).sum())
-    # pixels survive the trip through shared memory
-    direct = list(iter_batches(recs, _request, config=cfg, processor=proc, chunk_batches=2))
-    for a, b in zip(batches, direct, strict=True):
-        np.testing.assert_array_equal(a.vision.patches, b.vision.patches)
-        np.testing.assert_array_equal(a.visual_index, b.visual_index)
-    import glob
-    assert not glob.glob("/dev/shm/uhdjax_batch_*/*")
-
-
-def test_bfloat16_patches_and_file_transport(proc, tmp_path):
-    from uhd_jax.data.packer import _batch_from_file, _FileArena
-
-    s = _chat(proc, [random_image(700, 1000, 1)])
-    f32 = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), views_per_row=6)).pack([s])
-    pk = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(512,), views_per_row=6, patches_dtype="bfloat16"))
-    arena = _FileArena(str(tmp_path))
-    b = pk.pack([s], alloc=arena)
-    msg = arena.message(b)
-    del b
-    got = _batch_from_file(msg)
-    assert got.vision.patches.dtype.name == "bfloat16"
-    np.testing.assert_allclose(got.vision.patches.astype(np.float32), f32.vision.patches, atol=4e-3)
-    np.testing.assert_array_equal(got.visual_index, f32.visual_index)
-    np.testing.assert_array_equal(got.input_ids, f32.input_ids)
-    assert not list(tmp_path.iterdir())  # the file is unlinked once mapped

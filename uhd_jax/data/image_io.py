@@ -22,8 +22,7 @@ Choices that differ from one of the reference's two input routes (documented, ea
   limit is bypassed so that this limit, not PIL's, applies).
 * Truncated files are refused (PIL's `LOAD_TRUNCATED_IMAGES` is not consulted).
 
-`robust_map` runs a loader / processor over records, skipping (and recording, with the path and the reason)
-the ones that fail, so one bad record never stops a run.
+Bad records (an ImageLoadError is a data error) are skipped and counted by the grain pipeline, `uhd_jax.data.pipeline`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import io
 import os
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -213,101 +211,3 @@ def load_image(src, options: LoadOptions | None = None, *, target_size: tuple[in
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageLoadError(name, f"cannot convert image to RGB: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Fault-tolerant iteration
-
-
-@dataclasses.dataclass
-class BadRecord:
-    index: int
-    source: str
-    reason: str
-
-
-@dataclasses.dataclass
-class RecordStats:
-    """What `robust_map` saw: ok / bad counts and the bad records (path and reason), up to `keep` of them."""
-
-    ok: int = 0
-    bad: int = 0
-    bad_records: list[BadRecord] = dataclasses.field(default_factory=list)
-    keep: int = 1000
-
-    def add_bad(self, rec: BadRecord):
-        self.bad += 1
-        if len(self.bad_records) < self.keep:
-            self.bad_records.append(rec)
-
-    def report(self) -> str:
-        lines = [f"{self.ok} records ok, {self.bad} bad"]
-        lines += [f"  #{b.index} {b.source}: {b.reason}" for b in self.bad_records]
-        if self.bad > len(self.bad_records):
-            lines.append(f"  ... and {self.bad - len(self.bad_records)} more")
-        return "\n".join(lines)
-
-
-def record_source(record: Any) -> str:
-    """A name for a record in error reports: the record itself if it is a path, else its 'path' / 'image' /
-    'id' entry, else its repr."""
-    if isinstance(record, (str, os.PathLike)):
-        return os.fspath(record)
-    if isinstance(record, dict):
-        for k in ("path", "image", "images", "id", "name"):
-            if k in record:
-                v = record[k]
-                return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-    return repr(record)[:200]
-
-
-def _call(args):
-    fn, i, rec = args
-    try:
-        return i, True, fn(rec)
-    except Exception as e:  # noqa: BLE001 - any failure of one record is recorded, not raised
-        src = e.source if isinstance(e, ImageLoadError) else record_source(rec)
-        reason = e.reason if isinstance(e, ImageLoadError) else f"{type(e).__name__}: {e}"
-        return i, False, (src, reason)
-
-
-def robust_map(fn: Callable[[Any], Any], records: Iterable[Any], *, num_workers: int = 0,
-               stats: RecordStats | None = None, max_bad_fraction: float | None = None,
-               min_records_for_fraction: int = 100, chunksize: int = 1, ordered: bool = True,
-               on_bad: Callable[[BadRecord], None] | None = None) -> Iterator[Any]:
-    """Yields `fn(record)` for every record that succeeds; a failing record is counted in `stats` (path and
-    reason) and skipped. `num_workers > 0` runs `fn` in a process pool (`fn` must be picklable: a top-level
-    function or a functools.partial of one). `max_bad_fraction`: stop with an error if more than this fraction
-    of the records seen so far (after `min_records_for_fraction`) is bad - a sign of a broken dataset rather
-    than of a few bad files."""
-    stats = stats if stats is not None else RecordStats()
-    jobs = ((fn, i, r) for i, r in enumerate(records))
-    if num_workers and num_workers > 0:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(num_workers)
-        try:
-            it = (pool.imap if ordered else pool.imap_unordered)(_call, jobs, chunksize=chunksize)
-            yield from _collect(it, stats, max_bad_fraction, min_records_for_fraction, on_bad)
-        finally:
-            pool.terminate()
-            pool.join()
-    else:
-        yield from _collect(map(_call, jobs), stats, max_bad_fraction, min_records_for_fraction, on_bad)
-
-
-def _collect(results, stats, max_bad_fraction, min_n, on_bad):
-    for i, ok, out in results:
-        if ok:
-            stats.ok += 1
-            yield out
-        else:
-            rec = BadRecord(index=i, source=out[0], reason=out[1])
-            stats.add_bad(rec)
-            if on_bad is not None:
-                on_bad(rec)
-            n = stats.ok + stats.bad
-            if max_bad_fraction is not None and n >= min_n and stats.bad > max_bad_fraction * n:
-                raise RuntimeError(f"{stats.bad} of {n} records failed (> {max_bad_fraction:.0%}); "
-                                   f"last: {rec.source}: {rec.reason}\n{stats.report()}")

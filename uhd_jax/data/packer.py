@@ -23,14 +23,13 @@ and raises if even that does not (fewer slices do not shrink a thumbnail: an ext
 thumbnail exceeds `tokens_per_view` needs a larger `tokens_per_view`). Image tokens are never dropped or
 truncated.
 
-`iter_batches` is the dataset pipeline: records -> Samples -> batches, in order, optionally in a pool of
-worker processes that pack straight into /dev/shm; bad records are skipped and reported with their path.
+The dataset pipeline (records -> Samples -> these batches, in grain worker processes, bad records skipped and
+counted) is `uhd_jax.data.pipeline.make_batches`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -41,7 +40,6 @@ from uhd_jax.data.processor import Processor, Sample, check_placeholders
 
 OVERFLOW_POLICIES = ("error", "fewer_slices")
 _BATCH_FIELDS = ("input_ids", "attention_mask", "positions", "visual_index", "visual_mask", "loss_mask")
-_VISION_FIELDS = ("patches", "pos_ids", "num_tokens", "grid")
 
 
 def _dtype(name) -> np.dtype:
@@ -147,7 +145,7 @@ class Packer:
         in that row's slots. Applies the overflow policy to samples that do not fit.
 
         `alloc(specs)`, specs a list of (name, shape, dtype), returns zero-filled arrays by name (default:
-        np.zeros); the worker pool uses it to pack straight into shared memory."""
+        np.zeros); the grain pipeline's workers use it to pack straight into shared memory."""
         c = self.config
         if len(samples) > c.batch_size:
             raise ValueError(f"{len(samples)} samples > batch_size={c.batch_size}")
@@ -221,217 +219,3 @@ def pack_samples(processor: Processor, samples: Sequence[Sample], **config) -> M
     config.setdefault("batch_size", max(1, len(samples)))
     config.setdefault("views_per_row", max((s.num_views for s in samples), default=0))
     return Packer(processor, PackerConfig(**config)).pack(samples)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Dataset pipeline: records -> ModelBatches, optionally in a pool of worker processes
-
-
-def _worker_processor(spec):
-    """Per-process Processor cache (`spec`: a Processor in-process, or (model_dir, kwargs) in a worker)."""
-    if isinstance(spec, Processor):
-        return spec
-    key = (spec[0], tuple(sorted(spec[1].items())))
-    proc = _WORKER_PROCESSORS.get(key)
-    if proc is None:
-        proc = Processor.from_pretrained(spec[0], **spec[1])
-        _WORKER_PROCESSORS[key] = proc
-    return proc
-
-
-_WORKER_PROCESSORS: dict = {}
-
-
-def _pack_chunk(spec, config: PackerConfig, make_request, chunk, strict: bool, transport_dir: str | None):
-    """Worker job: records -> Samples -> ModelBatches (greedy, in order). Returns (batches, bad records)."""
-    from uhd_jax.data.image_io import ImageLoadError, record_source
-
-    proc = _worker_processor(spec)
-    packer = Packer(proc, config)
-    samples, bad, index_of = [], [], {}
-    for i, rec in chunk:
-        try:
-            req = make_request(rec)
-            if req.name is None:
-                req.name = record_source(rec)
-            s = proc.build(req)
-        except Exception as e:  # noqa: BLE001 - one bad record never stops the run
-            if strict:
-                raise
-            src = e.source if isinstance(e, ImageLoadError) else record_source(rec)
-            reason = e.reason if isinstance(e, ImageLoadError) else f"{type(e).__name__}: {e}"
-            bad.append((i, src, reason))
-            continue
-        index_of[id(s)] = i
-        samples.append(s)
-
-    def skip(s, e):
-        if strict:
-            raise e
-        bad.append((index_of.get(id(s), -1), s.name, str(e)))
-
-    if transport_dir is None:
-        return list(packer.batches(samples, on_skip=skip)), bad
-    msgs = []
-    arena = _FileArena(transport_dir)
-    for b in packer.batches(samples, on_skip=skip, alloc=arena):
-        msgs.append(arena.message(b))
-        del b
-    return msgs, bad
-
-
-class _FileArena:
-    """Allocator for Packer.pack that places all arrays of one batch in one file on a RAM file system (mapped
-    shared, zero-filled by the kernel), so the batch is written once and the parent maps it instead of
-    unpickling pixels."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.path = None
-        self.meta = None
-
-    def __call__(self, specs) -> dict:
-        import mmap
-        import tempfile
-
-        layout, off = [], 0
-        for name, shape, dtype in specs:
-            dtype = _dtype(dtype)
-            layout.append((name, dtype.name if dtype.name == "bfloat16" else dtype.str, tuple(shape), off))
-            off += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // 64) * 64
-        fd, self.path = tempfile.mkstemp(dir=self.directory, prefix=_FILE_PREFIX)
-        try:
-            os.ftruncate(fd, max(off, 64))
-            mm = mmap.mmap(fd, max(off, 64))
-        finally:
-            os.close(fd)
-        self.meta = layout
-        return _views_of(mm, layout)
-
-    def message(self, batch: ModelBatch):
-        static = None if batch.vision is None else (batch.vision.mode, batch.vision.merger_times)
-        return ("file", self.path, self.meta, static)
-
-
-def _views_of(buf, layout) -> dict:
-    out = {}
-    for name, dt, shape, off in layout:
-        dt = _dtype(dt)
-        n = int(np.prod(shape, dtype=np.int64))
-        out[name] = np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
-    return out
-
-
-def _batch_from_file(msg) -> ModelBatch:
-    import mmap
-
-    _, path, layout, static = msg
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    os.unlink(path)  # the mapping stays valid; the memory goes when the arrays do
-    arr = _views_of(mm, layout)
-    vision = None
-    if static is not None:
-        vision = VisionBatch(**{f: arr["vision." + f] for f in _VISION_FIELDS}, mode=static[0],
-                             merger_times=static[1])
-    return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
-
-
-_FILE_PREFIX = "uhdjax_batch_"
-
-
-def _ram_dir() -> str:
-    import tempfile
-
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-
-
-def iter_batches(records: Iterable, make_request: Callable, *, config: PackerConfig,
-                 processor: Processor | None = None, model_dir: str | None = None,
-                 processor_kwargs: dict | None = None, num_workers: int = 0, chunk_batches: int = 4,
-                 prefetch: int | None = None, stats=None, strict: bool = False) -> Iterator[ModelBatch]:
-    """Records -> static-shape ModelBatches, in record order.
-
-    `make_request(record) -> SampleRequest` (a top-level function when `num_workers > 0`). Records are taken in
-    chunks of `chunk_batches * batch_size`; each chunk is processed and packed `batch_size` samples at a time. A record that fails
-    (unreadable image, bad text, does not fit even after the overflow policy) is skipped and recorded in
-    `stats` (image_io.RecordStats: index, path, reason) unless `strict`, which raises.
-
-    `num_workers > 0` runs chunks in a pool of processes (each loads its own Processor from `model_dir` with
-    `processor_kwargs`); batches come back through files on /dev/shm mapped into this process, so pixels are
-    not pickled. At most `prefetch` chunks (default 2 * num_workers) are in flight."""
-    from uhd_jax.data.image_io import BadRecord, RecordStats
-
-    stats = stats if stats is not None else RecordStats()
-    size = max(1, chunk_batches * config.batch_size)
-
-    def chunks():
-        buf = []
-        for i, r in enumerate(records):
-            buf.append((i, r))
-            if len(buf) == size:
-                yield buf
-                buf = []
-        if buf:
-            yield buf
-
-    def account(bad, n_in_chunk):
-        for i, src, reason in bad:
-            stats.add_bad(BadRecord(index=i, source=src, reason=reason))
-        stats.ok += n_in_chunk - len(bad)
-
-    if not num_workers:
-        if processor is None:
-            if model_dir is None:
-                raise ValueError("give a processor or a model_dir")
-            processor = Processor.from_pretrained(model_dir, **(processor_kwargs or {}))
-        for ch in chunks():
-            batches, bad = _pack_chunk(processor, config, make_request, ch, strict, None)
-            account(bad, len(ch))
-            yield from batches
-        return
-
-    if model_dir is None:
-        raise ValueError("num_workers > 0 needs model_dir (each worker loads its own Processor)")
-    import collections
-    import glob
-    import multiprocessing as mp
-
-    spec = (os.fspath(model_dir), dict(processor_kwargs or {}))
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    tdir = os.path.join(_ram_dir(), f"{_FILE_PREFIX}{os.getpid()}_{id(stats):x}")
-    os.makedirs(tdir, exist_ok=True)
-    pool = ctx.Pool(num_workers)
-    window = collections.deque()
-    limit = prefetch or 2 * num_workers
-    try:
-        it = chunks()
-        done = False
-        while True:
-            while not done and len(window) < limit:
-                ch = next(it, None)
-                if ch is None:
-                    done = True
-                    break
-                window.append((len(ch), pool.apply_async(_pack_chunk, (spec, config, make_request, ch, strict,
-                                                                        tdir))))
-            if not window:
-                break
-            n, res = window.popleft()
-            batches, bad = res.get()
-            account(bad, n)
-            for msg in batches:
-                yield _batch_from_file(msg)
-    finally:
-        pool.terminate()
-        pool.join()
-        for p in glob.glob(os.path.join(tdir, _FILE_PREFIX + "*")):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        try:
-            os.rmdir(tdir)
-        except OSError:
-            pass

@@ -30,6 +30,8 @@ import numpy as np
 from uhd_jax.data.processor import DEFAULT_SPECIAL_TOKENS, SampleRequest
 from uhd_jax.data.synthetic_ocr import SyntheticOCRSource  # noqa: F401  (re-exported: one place for sources)
 
+__all__ = ["DataError", "JsonlSource", "TfdsSource", "SyntheticOCRSource", "jsonl_request"]
+
 IMAGE_TOKEN = DEFAULT_SPECIAL_TOKENS["image_token"]
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
