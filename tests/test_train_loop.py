@@ -158,3 +158,28 @@ def test_tiny_config_learns(tmp_path):
     rows = _metrics(str(tmp_path / "run"))
     assert rows[40]["loss"] < 0.5 * rows[1]["loss"], (rows[1]["loss"], rows[40]["loss"])
     assert "(fell)" in r.stdout
+
+
+def test_resume_on_a_different_mesh(tmp_path):
+    """Saved on 8 devices (fsdp=8), resumed on 4 (fsdp=4): Orbax restores the sharded state straight into the new
+    shardings and the run goes on; step 4's loss equals an 8-device run's to float32 rounding (dense LLM)."""
+    def run(workdir, devices, steps):
+        env = _env()
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        # a constant learning rate: the runs differ in train.steps, which would otherwise change the schedule
+        r = subprocess.run(_cmd(workdir, f"--config.train.steps={steps}", "--config.optimizer.warmup_steps=0",
+                                "--config.optimizer.end_lr_ratio=1.0",
+                                "--config.train.eval_every=0", "--config.train.log_every=1",
+                                "--config.train.checkpoint_every=3"),
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    moved, straight = str(tmp_path / "moved"), str(tmp_path / "straight")
+    assert "'fsdp': 8" in run(moved, 8, 3)
+    out = run(moved, 4, 4)
+    assert "resumed from step 3" in out
+    run(straight, 8, 4)
+    a, b = _metrics(moved), _metrics(straight)
+    assert a[3]["loss"] == b[3]["loss"]
+    assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-5 * b[4]["loss"], (a[4], b[4])
