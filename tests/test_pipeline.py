@@ -112,16 +112,18 @@ def test_bad_records_skipped_named_and_same_as_direct(proc, tmp_path, workers, c
 
 
 def test_deterministic_shuffle_epochs_and_seeds(proc):
-    def order(seed, epochs=2):
-        it = make_batches(TextSource(10), proc, CFG, batch_size_per_host=3, seed=seed, num_epochs=epochs,
-                          shard_index=0, shard_count=1)
+    def order(seed, epochs=2, **kw):
+        it = make_batches(TextSource(10), proc, CFG, batch_size_per_host=3, seed=seed, num_epochs=epochs, **kw)
         return [k for b in it for k in _records(b, proc)]
 
-    a = order(1)
-    assert a == order(1)
+    a = order(1, shard_index=0, shard_count=1)
+    assert a == order(1)  # default shard: jax.process_index() / process_count() = 0 / 1 here
+    assert a == order(1, read_threads=3, read_buffer=7)  # records read in threads, order kept
     assert len(a) == 20 and sorted(a[:10]) == sorted(a[10:]) == list(range(10))
     assert a[:10] != a[10:]  # a new permutation each epoch
     assert a != order(2) and a[:10] != list(range(10))
+    with pytest.raises(ValueError, match="shard_index < shard_count"):
+        make_batches(TextSource(4), proc, CFG, batch_size_per_host=2, seed=0, shard_index=2, shard_count=2)
 
 
 def test_sharding_two_hosts_disjoint_and_covering(proc):
@@ -133,8 +135,6 @@ def test_sharding_two_hosts_disjoint_and_covering(proc):
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(11))
     assert sorted(seen[0]) == list(range(0, 11, 2))
-    with pytest.raises(ValueError, match="shard_index < shard_count"):
-        make_batches(TextSource(4), proc, CFG, batch_size_per_host=2, seed=0, shard_index=2, shard_count=2)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -282,3 +282,14 @@ def test_argument_errors(proc):
                      seed=0, shard_index=0, shard_count=1)
     with pytest.raises(TypeError, match="random access"):
         make_batches(iter([]), proc, CFG, batch_size_per_host=2, seed=0, shard_index=0, shard_count=1)
+
+
+def test_malformed_jsonl_line_is_a_bad_record_named_by_line(proc, tmp_path):
+    ok = json.dumps({"conversations": [{"role": "user", "content": "question 0"},
+                                       {"role": "assistant", "content": "answer 0"}]})
+    path = tmp_path / "d.jsonl"
+    path.write_text(ok + "\n{oops\n" + ok + "\n")
+    it = make_batches(JsonlSource(path), proc, CFG, batch_size_per_host=2, shuffle=False, num_epochs=1,
+                      max_bad_fraction=1.0, shard_index=0, shard_count=1)
+    assert len(list(it)) == 1 and it.stats["records_ok"] == 2
+    assert it.bad_examples[0][0] == f"{path}:2" and it.bad_examples[0][1].startswith("DataError: not valid JSON")

@@ -94,6 +94,8 @@ class _Prepare:
                 raise DataError(name, f"{k} image tokens in the text but {len(req.images)} images")
             return self.packer.fit(proc.build(req))
         except DATA_ERRORS as e:
+            if isinstance(e, DataError) and name.startswith("record "):  # raised by the source: it named the record
+                name = e.record
             msg = str(e)
             msg = msg[len(name) + 2:] if msg.startswith(name + ": ") else msg  # the name is said once
             return BadRecord(name, f"{type(e).__name__}: {msg}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from uhd_jax.data.synthetic_ocr import SyntheticOCRSource  # noqa: F401  (re-exp
 __all__ = ["DataError", "JsonlSource", "TfdsSource", "SyntheticOCRSource", "jsonl_request"]
 
 IMAGE_TOKEN = DEFAULT_SPECIAL_TOKENS["image_token"]
+_OPEN_LOCK = threading.Lock()  # grain reads records from several threads; each source opens its file once
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
@@ -111,7 +113,9 @@ class JsonlSource:
 
     def read_line(self, i: int) -> bytes:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with _OPEN_LOCK:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         a, b = int(self._starts[i]), int(self._ends[i])
         return os.pread(self._fd, b - a, a)
 
@@ -235,6 +239,10 @@ class TfdsSource:
     def _source(self):
         if self._ds is not None:
             return self._ds
+        with _OPEN_LOCK:
+            return self._ds if self._ds is not None else self._open()
+
+    def _open(self):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
