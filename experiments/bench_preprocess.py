@@ -114,7 +114,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=12, help="images per single-core measurement")
     ap.add_argument("--pool-n", type=int, default=24, help="images per pipeline measurement")
-    ap.add_argument("--workers", default=None, help="grain worker counts, comma list (0: in-process; default: 1,<cores>)")
+    ap.add_argument("--workers", default=None,
+                    help="grain worker counts, comma list (0 = in-process; default 1,<cores>)")
     ap.add_argument("--draft", action="store_true", help="also measure JPEG draft decoding (approximate)")
     ap.add_argument("--sizes", default="1344x1344,4000x3000", help="WxH list")
     ap.add_argument("--patches-dtype", default="float32,bfloat16", help="pipeline batches' patch dtypes (comma list)")
