@@ -174,15 +174,15 @@ def main():
             for k in workers:
                 # an endless stream timed over a fixed number of batches (the end of a finite one costs grain ~1 s
                 # of polling); start-up (process start, imports) not counted: each worker's first batch is a warm-up
-                it = make_batches(src, proc, cfg, batch_size_per_host=4, shuffle=False, num_workers=k,
-                                  max_bad_fraction=0.0, shard_index=0, shard_count=1)
+                pipe = make_batches(src, proc, cfg, batch_size_per_host=4, shuffle=False, num_workers=k,
+                                    max_bad_fraction=0.0, shard_index=0, shard_count=1)
                 for _ in range(max(k, 1)):
-                    next(it)
+                    next(pipe)
                 t = time.perf_counter()
-                n = sum(int(next(it).attention_mask.any(1).sum()) for _ in range(max(1, args.pool_n // 4)))
+                n = sum(int(next(pipe).attention_mask.any(1).sum()) for _ in range(max(1, args.pool_n // 4)))
                 dt_s = time.perf_counter() - t
-                it.close()
-                del it
+                pipe.close()
+                del pipe
                 pool_rows.append((f"{w}x{h}", dt, k, n / dt_s))
 
     print(f"\nHost preprocessing, {cores} cores ({os.uname().machine}), Pillow {Image.__version__}, "
