@@ -163,13 +163,17 @@ def test_orbax_checkpoint_of_iterator_state(proc, tmp_path):
     kw = dict(batch_size_per_host=2, seed=0, shard_index=0, shard_count=1)
     it = make_batches(TextSource(9), proc, CFG, **kw)
     next(it)
+    state = {"w": np.arange(6.0).reshape(2, 3)}  # stands for the train state
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(it)))
+        want = _records(next(it), proc)  # the state is taken at save(), not when an async save finishes
         mngr.wait_until_finished()
-    want = _records(next(it), proc)
     fresh = make_batches(TextSource(9), proc, CFG, **kw)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+        out = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                      data=grain.checkpoint.CheckpointRestore(fresh)))
+    np.testing.assert_array_equal(out.state["w"], state["w"])
     assert _records(next(fresh), proc) == want
     assert (tmp_path / "ckpt" / "1" / "data" / "process_0-of-1.json").exists()
 
