@@ -154,6 +154,9 @@ def test_resume_from_state_bit_for_bit(proc, workers):
     for a, b in zip(want, got, strict=True):
         _assert_same(a, b)
     assert fresh.stats["batches"] == 6 and fresh.stats["records_ok"] >= 12
+    if workers:  # a state of another pipeline shape is refused, not half-applied
+        with pytest.raises(ValueError, match="num_workers"):
+            make_batches(src, proc, CFG, **{**kw, "num_workers": 0}).set_state(state)
 
 
 def test_orbax_checkpoint_of_iterator_state(proc, tmp_path):

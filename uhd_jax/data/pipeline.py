@@ -238,7 +238,12 @@ class BatchIterator(grain.DatasetIterator):
                 "batches": self.batches, "bad_examples": [list(x) for x in self.bad_examples]}
 
     def set_state(self, state: dict):
-        self._parent.set_state(state["pipeline"])
+        mine, saved = self._parent.get_state(), state.get("pipeline")
+        if not isinstance(saved, dict) or set(saved) != set(mine):
+            raise ValueError("this data-iterator state was saved by a pipeline of another shape (num_workers "
+                             f"differs?): it has {sorted(saved) if isinstance(saved, dict) else saved!r}, this "
+                             f"pipeline {sorted(mine)}; resume with the same make_batches arguments")
+        self._parent.set_state(saved)
         self.ok, self.bad, self.batches = int(state["records_ok"]), int(state["records_bad"]), int(state["batches"])
         self.bad_examples = [list(x) for x in state.get("bad_examples", [])]
 
