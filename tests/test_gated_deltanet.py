@@ -168,3 +168,26 @@ def test_qkv_channels_shard_by_key_head(hk, hv, shards):
             for h in range(i * heads, (i + 1) * heads):
                 want += [q[..., h * dk:(h + 1) * dk], k[..., h * dk:(h + 1) * dk], v[..., h * g * dv:(h + 1) * g * dv]]
             assert rel_err(y, np.concatenate(want, -1)) < 1e-5, (name, i)
+
+
+def test_gradient_over_several_chunks_matches_recurrent():
+    """Gradients through two full chunks of 128 (batch 8) equal the token-by-token form's. This shape used to abort
+    XLA's CPU compiler: the blocked inverse stacked its recursion into rank-8+ matmul operands."""
+    from uhd_jax.model.gated_deltanet import recurrent_gated_delta_rule
+
+    b, s, hk, hv, d = 8, 256, 2, 4, 16
+    k = jax.random.split(jax.random.key(3), 5)
+    q, kk = jax.random.normal(k[0], (b, s, hk, d)), jax.random.normal(k[1], (b, s, hk, d))
+    v = jax.random.normal(k[2], (b, s, hv, d))
+    g = -0.3 * jax.nn.softplus(jax.random.normal(k[3], (b, s, hv)))
+    beta = jax.nn.sigmoid(jax.random.normal(k[4], (b, s, hv)))
+    w = jax.random.normal(jax.random.key(4), (b, s, hv, d))
+
+    def loss(rule, q, kk, v):
+        return jnp.sum(rule(q, kk, v, g, beta)[0] * w)
+
+    chunked = jax.jit(jax.grad(lambda *a: loss(lambda *x: chunk_gated_delta_rule(*x, chunk_size=128), *a),
+                               argnums=(0, 1, 2)))(q, kk, v)
+    ref = jax.jit(jax.grad(lambda *a: loss(recurrent_gated_delta_rule, *a), argnums=(0, 1, 2)))(q, kk, v)
+    for x, y in zip(chunked, ref):
+        assert float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y)) < 1e-4

@@ -49,15 +49,22 @@ def _prepare(q, k, v, g, beta):
 def unit_lower_inverse(a):
     """(I + a)^-1 for a strictly lower-triangular a [..., n, n], by recursive 2x2 blocking (matmuls only)."""
     n = a.shape[-1]
+    return _unit_lower_inverse(a.reshape((-1, n, n))).reshape(a.shape)
+
+
+def _unit_lower_inverse(a):
+    """a [M, n, n]. The two diagonal blocks recurse as one batch of 2M (concatenated, not stacked: the batch stays
+    one dim, so no product exceeds rank 3; XLA's CPU dot emitter aborts on rank-8 operands)."""
+    m, n = a.shape[0], a.shape[-1]
     if n == 1:
         return jnp.ones_like(a)
     h = n // 2
-    top, bot, off = a[..., :h, :h], a[..., h:, h:], a[..., h:, :h]
+    top, bot, off = a[:, :h, :h], a[:, h:, h:], a[:, h:, :h]
     if h == n - h:  # both diagonal blocks in one batched call
-        inv = unit_lower_inverse(jnp.stack([top, bot]))
-        ti, bi = inv[0], inv[1]
+        inv = _unit_lower_inverse(jnp.concatenate([top, bot], axis=0))
+        ti, bi = inv[:m], inv[m:]
     else:
-        ti, bi = unit_lower_inverse(top), unit_lower_inverse(bot)
+        ti, bi = _unit_lower_inverse(top), _unit_lower_inverse(bot)
     off = -bi @ off @ ti
     upper = jnp.concatenate([ti, jnp.zeros(ti.shape[:-1] + (n - h,), a.dtype)], axis=-1)
     lower = jnp.concatenate([off, bi], axis=-1)
