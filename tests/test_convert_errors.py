@@ -183,3 +183,67 @@ def test_cli_reports_problems(good, tmp_path, capsys):
     assert "1 problem" in err and "unused tensor `mtp.x`" in err
     assert cli(["hf-to-jax", "--hf-dir", bad, "--out", str(tmp_path / "out"), "--skip-unused"]) == 0
     assert "skipped 1 unused tensors: mtp.x" in capsys.readouterr().out
+
+
+def _snapshot(root):
+    """Every file under root with its bytes (to prove nothing changed)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def test_output_dir_overlapping_the_input_is_refused(good, tmp_path, capsys):
+    """--out equal to the input, inside it, containing it, or a symlink to it: refused with both paths named,
+    before anything is read, written or deleted (the source stays byte-identical, no temporary directories)."""
+    import shutil
+
+    src = str(tmp_path / "parent" / "hf")
+    shutil.copytree(good, src)
+    before = _snapshot(str(tmp_path))
+    link = str(tmp_path / "link")
+    os.symlink(src, link)
+    cases = [(src, "is the input directory"), (os.path.join(src, "sub"), "is inside the input directory"),
+             (str(tmp_path / "parent"), f"input directory {src} is inside the output directory"),
+             (link, "is the input directory"), (os.path.join(link, "x"), "is inside the input directory")]
+    for out, says in cases:
+        assert cli(["hf-to-jax", "--hf-dir", src, "--out", out, "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        assert says in err and out in err and src in err, err
+        if out.startswith(link):
+            assert f"(resolved: {os.path.realpath(out)} and {src})" in err
+        with pytest.raises(ValueError, match=says):
+            hf_to_jax(src, out, overwrite=True)
+    # relative spellings of the same directory
+    cwd = os.getcwd()
+    try:
+        os.chdir(str(tmp_path / "parent"))
+        assert cli(["hf-to-jax", "--hf-dir", "hf", "--out", "./hf/../hf", "--overwrite"]) == 2
+        assert "output directory ./hf/../hf is the input directory hf" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    os.remove(link)
+    assert _snapshot(str(tmp_path)) == before
+
+    # jax-to-hf and from-separate: refused before their inputs are even read
+    ckpt = str(tmp_path / "ckpt")
+    os.makedirs(ckpt)
+    assert cli(["jax-to-hf", "--ckpt", ckpt, "--out", os.path.join(ckpt, "hf"), "--overwrite"]) == 2
+    assert f"output directory {os.path.join(ckpt, 'hf')} is inside the input directory {ckpt}" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="is the input directory"):
+        jax_to_hf(ckpt, ckpt, overwrite=True)
+    from uhd_jax.convert.from_separate import from_separate
+
+    vision, llm = str(tmp_path / "siglip"), str(tmp_path / "qwen")
+    for d in (vision, llm):
+        os.makedirs(d)
+    assert cli(["from-separate", "--vision-dir", vision, "--llm-dir", llm, "--out", llm, "--overwrite"]) == 2
+    assert f"output directory {llm} is the input directory {llm}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"input directory {vision} is inside the output directory"):
+        from_separate(vision, llm, str(tmp_path), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "parent", "qwen", "siglip"]
+    assert os.listdir(ckpt) == [] and os.listdir(llm) == []

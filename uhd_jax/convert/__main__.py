@@ -5,7 +5,8 @@
     python -m uhd_jax.convert from-separate --vision-dir SIGLIP_DIR --llm-dir QWEN_DIR --out CKPT_DIR \
         [--insert-layer-id 6] [--merger-init-layer K] [--downsample-mode 16x] [--seed 0]
 
-Exit status 2 with every problem listed when the input cannot be converted; nothing is written then.
+Exit status 2 with every problem listed when the input cannot be converted; nothing is written then. The output
+directory may not be an input directory, lie inside one, or contain one (symlinks resolved).
 """
 
 from __future__ import annotations
@@ -59,7 +60,12 @@ def main(argv=None) -> int:
     log.addHandler(logging.StreamHandler())
     log.setLevel(logging.INFO)
     t0 = time.perf_counter()
+    inputs = {"hf-to-jax": ("hf_dir",), "jax-to-hf": ("ckpt",), "from-separate": ("vision_dir", "llm_dir")}
+    inputs = [getattr(args, name) for name in inputs[args.cmd]]
     try:
+        from uhd_jax.convert.checkpoint import check_not_overlapping
+
+        check_not_overlapping(args.out, inputs)  # before anything is read, written or deleted
         if args.cmd == "hf-to-jax":
             from uhd_jax.convert.hf_to_jax import hf_to_jax, tree_summary
 

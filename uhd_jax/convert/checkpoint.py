@@ -77,16 +77,39 @@ def write_config(path: str, config: dict, dtype: np.dtype | None = None):
         f.write("\n")
 
 
-def check_output_dir(out_dir: str, overwrite: bool):
+def check_not_overlapping(out_dir: str, inputs=()):
+    """ValueError if `out_dir` is one of the `inputs` directories, inside one, or contains one (symlinks resolved):
+    writing there, or replacing it (overwrite), would corrupt or delete the source."""
+    out = os.path.realpath(out_dir)
+    for src in inputs:
+        real = os.path.realpath(src)
+        resolved = "" if (out, real) == (os.path.abspath(out_dir), os.path.abspath(src)) else \
+            f" (resolved: {out} and {real})"
+        if out == real:
+            raise ValueError(f"output directory {out_dir} is the input directory {src}{resolved}; "
+                             f"write to another directory")
+        if os.path.commonpath([out, real]) == real:
+            raise ValueError(f"output directory {out_dir} is inside the input directory {src}{resolved}; "
+                             f"write to a directory outside it")
+        if os.path.commonpath([out, real]) == out:
+            raise ValueError(f"input directory {src} is inside the output directory {out_dir}{resolved}; "
+                             f"replacing the output would delete the input")
+
+
+def check_output_dir(out_dir: str, overwrite: bool, inputs=()):
+    """Before anything is read or written: `out_dir` must not overlap the input directories, and may exist only
+    with overwrite."""
+    check_not_overlapping(out_dir, inputs)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
 
 
 @contextlib.contextmanager
-def staging(out_dir: str, overwrite: bool = False):
-    """Yields a temporary directory next to `out_dir`; on success it replaces `out_dir`, on error it is removed."""
+def staging(out_dir: str, overwrite: bool = False, inputs=()):
+    """Yields a temporary directory next to `out_dir`; on success it replaces `out_dir`, on error it is removed.
+    `inputs`: directories the output must not overlap (`check_not_overlapping`)."""
+    check_output_dir(out_dir, overwrite, inputs)
     out_dir = os.path.abspath(out_dir)
-    check_output_dir(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -199,7 +222,7 @@ def write_checkpoint(out_dir: str, config: dict, params: dict, *, side_from: lis
                      dtype: np.dtype | None = None, overwrite: bool = False):
     """Writes config.json, params/ and the side files of the directories in `side_from` (first one wins),
     all-or-nothing."""
-    with staging(out_dir, overwrite) as tmp:
+    with staging(out_dir, overwrite, inputs=side_from) as tmp:
         save_params(os.path.join(tmp, PARAMS_DIR), params)
         done = {CONFIG_FILE}
         for src in side_from:

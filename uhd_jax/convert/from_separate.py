@@ -403,7 +403,7 @@ def from_separate(vision_dir: str, llm_dir: str, out_dir: str, *, dtype=None, ov
     LLM's tokenizer and generation config and MiniCPM-V 4.6's preprocessor config (patch size adjusted)."""
     import tempfile
 
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs=[vision_dir, llm_dir])
     loaded, report, hf_config = build_from_separate(vision_dir, llm_dir, dtype=dtype, **kw)
     with tempfile.TemporaryDirectory() as extra:
         with open(os.path.join(REFERENCE_CONFIG_DIR, "preprocessor_config.json")) as f:

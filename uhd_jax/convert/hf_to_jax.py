@@ -121,7 +121,7 @@ def load_hf(hf_dir: str, *, skip_unused: bool = False, dtype=None, parts=mapping
 
 def hf_to_jax(hf_dir: str, out_dir: str, *, skip_unused: bool = False, dtype=None, overwrite: bool = False) -> Loaded:
     """Converts a Hugging Face directory into our checkpoint directory (see `checkpoint.py`), all-or-nothing."""
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs=[hf_dir])
     problems = []
     _, raw = read_config(hf_dir, problems)
     loaded = load(hf_dir, skip_unused=skip_unused, dtype=dtype)

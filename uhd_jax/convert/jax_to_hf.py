@@ -73,7 +73,7 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *, hf_config: dict | N
     """
     dtype = parse_dtype(dtype)
     flat = mapping.flatten(params)
-    with staging(out_dir, overwrite) as tmp:
+    with staging(out_dir, overwrite, inputs=side_from) as tmp:
         write_hf_weights(tmp, cfg, flat, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), context=out_dir)
         done = {CONFIG_FILE}
         for src in side_from:
@@ -93,7 +93,7 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_size=DEFAULT
     """Our checkpoint directory -> Hugging Face directory (config.json and side files carried over)."""
     import json
 
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs=[ckpt_dir])
     cfg = ModelConfig.from_json(ckpt_dir)
     with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
         hf_config = json.load(f)
@@ -102,7 +102,7 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_size=DEFAULT
         raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory)")
     flat = mapping.flatten(load_params(params_dir, text=cfg.text))  # the only reference: freed as written
     dtype = parse_dtype(dtype)
-    with staging(out_dir, overwrite) as tmp:
+    with staging(out_dir, overwrite, inputs=[ckpt_dir]) as tmp:
         write_hf_weights(tmp, cfg, flat, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), context=ckpt_dir)
         copy_side_files(ckpt_dir, tmp, skip={CONFIG_FILE})
         write_config(os.path.join(tmp, CONFIG_FILE), hf_config, dtype)
