@@ -183,3 +183,21 @@ def test_resume_on_a_different_mesh(tmp_path):
     a, b = _metrics(moved), _metrics(straight)
     assert a[3]["loss"] == b[3]["loss"]
     assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-5 * b[4]["loss"], (a[4], b[4])
+
+
+def test_grain_pipeline_run_resumes_exactly(tmp_path):
+    """The synthetic OCR source through the grain pipeline: 4 steps straight equal 2 steps + a restart + 2 more
+    (the data iterator's state is in the checkpoint; a constant lr, so train.steps does not change the schedule)."""
+    common = ["--config.train.batch_size=2", "--config.optimizer.warmup_steps=0", "--config.optimizer.end_lr_ratio=1.0",
+              "--config.train.eval_every=0", "--config.train.log_every=1", "--config.train.checkpoint_every=2"]
+    cfg = "configs/tiny.py:data=synthetic_ocr,text_model=qwen3"
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    for workdir, steps in ((straight, 4), (resumed, 2), (resumed, 4)):
+        r = _run(workdir, f"--config.train.steps={steps}", *common, config=cfg)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from step 2" in r.stdout
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [a[s]["loss"] for s in range(1, 5)] == [b[s]["loss"] for s in range(1, 5)]
+    pa, pb = _params(straight, 4), _params(resumed, 4)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 MODEL_NAMES = ("tiny", "reference", "dir")
-DATA_SOURCES = ("random",)
+DATA_SOURCES = ("random", "synthetic_ocr", "jsonl", "tfds")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -33,11 +33,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.init["from"] = ""  # a converted checkpoint directory (uhd_jax.convert hf-to-jax / from-separate)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "random"
-    c.data.seq_len = 1024
+    c.data.source = "random"  # random | synthetic_ocr (built in, no files) | jsonl | tfds
+    c.data.path = ""  # jsonl: the training file
+    c.data.eval_path = ""  # jsonl: the held-out file ("" = no evaluation data)
+    c.data.tfds_name = ""  # tfds: dataset name or a builder directory
+    c.data.tfds_data_dir = ""
+    c.data.tfds_split = "train"
+    c.data.tfds_eval_split = ""
+    c.data.synthetic_records = 100_000  # synthetic_ocr: records per epoch
+    c.data.seq_len = 1024  # one sequence bucket: every batch has this length
     c.data.views_per_row = 10
     c.data.tokens_per_view = 1024
-    c.data.num_workers = 0
+    c.data.overflow = "fewer_slices"  # a sample that does not fit: re-slice it ("fewer_slices") or count it bad
+    c.data.num_workers = 0  # grain worker processes
     c.data.max_bad_fraction = 0.01
 
     c.mesh = ml_collections.ConfigDict()
@@ -92,6 +100,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     need(c.model.name != "dir" or c.init["from"], "init.from", "model.name='dir' needs a checkpoint directory")
     need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {c.model.dtype!r}")
     need(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {c.data.source!r}")
+    need(c.data.source != "jsonl" or c.data.path, "data.path", "data.source='jsonl' needs a file")
+    need(c.data.source != "tfds" or c.data.tfds_name, "data.tfds_name", "data.source='tfds' needs a dataset")
+    need(c.data.source == "random" or c.model.name in ("tiny", "dir"), "model.name",
+         f"data.source={c.data.source!r} needs a tokenizer: model.name 'tiny' (built-in) or 'dir' (init.from)")
+    need(c.data.overflow in ("error", "fewer_slices"), "data.overflow", "must be 'error' or 'fewer_slices'")
     need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
     need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")
     for k in ("log_every", "checkpoint_every"):

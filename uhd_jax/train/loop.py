@@ -79,12 +79,61 @@ def step_flops(cfg: ModelConfig, c) -> float:
     return 3.0 * (v + text_forward_flops(cfg.text, b, s)["total"])
 
 
-def make_data(cfg: ModelConfig, c, *, seed: int):
+def make_processor(cfg: ModelConfig, c, workdir: str):
+    """The input processor: the tiny model's built-in byte tokenizer, or the checkpoint directory's."""
+    from uhd_jax.data.processor import Processor
+
+    if c.model.name == "tiny":
+        from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir
+
+        return Processor.from_pretrained(write_tiny_model_dir(os.path.join(workdir, "tiny_model"), cfg),
+                                         downsample_mode=cfg.merger.downsample_mode)
+    return Processor.from_pretrained(c.init["from"], downsample_mode=cfg.merger.downsample_mode)
+
+
+def _source(c, *, held_out: bool):
+    from uhd_jax.data import sources
+
+    d = c.data
+    if d.source == "synthetic_ocr":  # the held-out stream renders other records (another seed)
+        return sources.SyntheticOCRSource(d.synthetic_records, seed=c.seed + (1_000_003 if held_out else 0))
+    if d.source == "jsonl":
+        return sources.JsonlSource(d.eval_path if held_out else d.path)
+    return sources.TfdsSource(d.tfds_name, d.tfds_eval_split if held_out else d.tfds_split,
+                              data_dir=d.tfds_data_dir or None)
+
+
+def has_eval_data(c) -> bool:
+    return c.data.source in ("random", "synthetic_ocr") or bool(
+        c.data.eval_path if c.data.source == "jsonl" else c.data.tfds_eval_split)
+
+
+def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
+    """This host's batches: an iterator with get_state()/set_state(). `random` needs no processor; the others run
+    the grain pipeline (uhd_jax.data.pipeline) over their source."""
+    seed = c.seed + (1_000_003 if held_out else 0)
+    per_host = c.train.batch_size // jax.process_count()
     if c.data.source == "random":
         return RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
                              views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view, seed=seed,
                              shard_index=jax.process_index(), shard_count=jax.process_count())
-    raise ValueError(f"config data.source: unknown source {c.data.source!r}")
+    from uhd_jax.data.packer import PackerConfig
+    from uhd_jax.data.pipeline import make_batches
+
+    packer = PackerConfig(batch_size=per_host, seq_buckets=(c.data.seq_len,), tokens_per_view=c.data.tokens_per_view,
+                          views_per_row=c.data.views_per_row, overflow=c.data.overflow)
+    return make_batches(_source(c, held_out=held_out), processor, packer, batch_size_per_host=per_host, seed=seed,
+                        num_workers=0 if held_out else c.data.num_workers, max_bad_fraction=c.data.max_bad_fraction)
+
+
+def _data_args(data, save: bool):
+    """Orbax args for the data iterator's state: grain's handler (one file per host) for the grain pipeline, a
+    JSON item for the random source (its state is the same on every host)."""
+    import grain
+
+    if isinstance(data, RandomBatches):
+        return ocp.args.JsonSave(data.get_state()) if save else ocp.args.JsonRestore()
+    return grain.checkpoint.CheckpointSave(data) if save else grain.checkpoint.CheckpointRestore(data)
 
 
 class MetricWriter:
@@ -120,17 +169,20 @@ def _checkpoint_manager(workdir: str, c) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=opts)
 
 
-def _save(mngr, step: int, state, data_state: dict, *, force: bool = False):
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=ocp.args.JsonSave(data_state)), force=force)
+def _save(mngr, step: int, state, data, *, force: bool = False):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=_data_args(data, True)),
+              force=force)
 
 
-def _restore(mngr, step: int, shardings, abstract_state):
+def _restore(mngr, step: int, shardings, abstract_state, data):
+    """The train state, restored straight into `shardings` (any mesh), and the data iterator put back in place."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
                           shardings)
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                     data=ocp.args.JsonRestore()))
-    return got.state, got.data
+                                                     data=_data_args(data, False)))
+    if isinstance(data, RandomBatches):
+        data.set_state(got.data)
+    return got.state
 
 
 def evaluate(model, params, batches, mesh) -> float:
@@ -170,9 +222,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                              eps=c.optimizer.eps, clip_norm=c.optimizer.clip_norm or None)
     except ValueError as e:
         raise ValueError(f"config optimizer (with train.steps={c.train.steps}): {e}") from None
-    data = make_data(cfg, c, seed=c.seed)
-    example = next(make_data(cfg, c, seed=c.seed))
-    check_visual_placement(example, cfg.image_token_id)
+    processor = None if c.data.source == "random" else make_processor(cfg, c, workdir)
+    data = make_data(cfg, c, processor=processor)
+    example = next(RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
+                                 views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view))
+    check_visual_placement(example, cfg.image_token_id)  # shapes only: every source gives these shapes
 
     mngr = _checkpoint_manager(workdir, c)
     start = mngr.latest_step()
@@ -189,8 +243,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
              f"{dict(mesh.shape)}, workdir {workdir}")
     else:
         abstract = jax.eval_shape(lambda r: _fresh_state(model, opt, example, r), jax.random.key(0))
-        state, data_state = _restore(mngr, start, shardings, abstract)
-        data.set_state(data_state)
+        state = _restore(mngr, start, shardings, abstract, data)
         _say(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints', str(start))})")
 
     step_fn = make_train_step(model, opt, shardings, mesh)
@@ -198,9 +251,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     flops, peak = step_flops(cfg, c), peak_flops(c)
     n_dev = jax.device_count()
     eval_batches = None
-    if c.train.eval_every:
-        held_out = make_data(cfg, c, seed=c.seed + 1_000_003)  # a different stream: never trained on
-        eval_batches = [next(held_out) for _ in range(c.train.eval_batches)]
+    if c.train.eval_every and has_eval_data(c):
+        held_out = make_data(cfg, c, processor=processor, held_out=True)  # never trained on
+        eval_batches = [b for _, b in zip(range(c.train.eval_batches), held_out)]  # a fixed count: hosts agree
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -248,7 +301,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 if not _finite(jax.device_get(metrics)):
                     raise NonFiniteLoss(f"step {step}: non-finite loss or gradient; stopping without saving "
                                         f"(the newest checkpoint is step {mngr.latest_step()})")
-                _save(mngr, step, state, data.get_state(), force=True)
+                _save(mngr, step, state, data, force=True)
             if stop["signal"]:
                 _say(f"SIGTERM at step {step}: checkpoint saved, exiting")
                 break
