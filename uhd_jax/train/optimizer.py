@@ -27,6 +27,7 @@ DeltaNet's per-head `A_log` / `dt_bias` (decay-rate parameters, not weights, as 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, Callable, Sequence
 
@@ -145,7 +146,7 @@ def make_schedule(learning_rate: float, *, schedule: str | None = None, warmup_s
     kind = schedule if schedule is not None else ("constant" if total_steps is None else "cosine")
     if kind not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
-    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+    if not (isinstance(warmup_steps, numbers.Integral) and warmup_steps >= 0):
         raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
@@ -156,7 +157,7 @@ def make_schedule(learning_rate: float, *, schedule: str | None = None, warmup_s
                                      optax.constant_schedule(learning_rate)], [warmup_steps])
     if total_steps is None:
         raise ValueError(f"schedule {kind!r} decays to step total_steps; total_steps is None")
-    if not (isinstance(total_steps, int) and total_steps > warmup_steps):
+    if not (isinstance(total_steps, numbers.Integral) and total_steps > warmup_steps):
         raise ValueError(f"total_steps ({total_steps!r}) must be an integer > warmup_steps ({warmup_steps})")
     if not 0.0 <= end_lr_ratio <= 1.0:
         raise ValueError(f"end_lr_ratio must be in [0, 1], got {end_lr_ratio!r}")

@@ -181,7 +181,8 @@ def make_train_step(model: MiniCPMV, optimizer: optax.GradientTransformation, sh
       lr         `schedule(state.step)`, the lr of this update (only when `schedule` is given)
     grad_accum: micro-batches per step (the batch's rows must be a multiple of grad_accum x data x fsdp).
     frozen: the `frozen` patterns given to `make_optimizer`: those parameters are not differentiated and stay
-    bit-identical. skip_nonfinite: when not `finite`, return the input state unchanged (step not advanced)
+    bit-identical (with fewer patterns than the optimizer's, the step differentiates parameters the optimizer then
+    ignores: wasted work, and grad_norm counts them). skip_nonfinite: when not `finite`, return the input state unchanged (step not advanced)
     instead of applying the update; off by default (the loop stops the run on a non-finite step instead)."""
     rows = NamedSharding(mesh, PartitionSpec(mesh_axes_of(BATCH_AXES)[0]))  # every batch array: rows split
     replicated = NamedSharding(mesh, PartitionSpec())
