@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "tiny"  # tiny: tiny_config(); reference: the real architecture, random weights; dir: init.from
+    c.model.name = "tiny"  # tiny: tiny_config(); reference: the real architecture, random weights; dir: init.checkpoint
     c.model.text_model = "qwen3_5_text"  # tiny only: qwen3_5_text (hybrid) or qwen3 (dense)
     c.model.downsample_mode = "16x"
     c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.unroll = False
 
     c.init = ml_collections.ConfigDict()
-    c.init["from"] = ""  # a converted checkpoint directory (uhd_jax.convert hf-to-jax / from-separate)
+    c.init.checkpoint = ""  # a converted checkpoint directory (uhd_jax.convert hf-to-jax / from-separate)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "random"  # random | synthetic_ocr (built in, no files) | jsonl | tfds
@@ -62,10 +62,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-8
     c.optimizer.clip_norm = 1.0
+    c.optimizer.schedule = "cosine"  # cosine | linear | constant (after the warm-up)
+    c.optimizer.frozen = ()  # regexes over parameter paths ("vision/.*"): no gradients, no optimizer state
+    c.optimizer.lr_multipliers = ()  # ((regex, factor), ...): first match wins
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
     c.train.batch_size = 8  # global rows per step (all hosts)
+    c.train.grad_accum = 1  # micro-batches per step (same result as one big batch, less memory)
     c.train.log_every = 10
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
@@ -97,13 +101,13 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config {key}: {msg}")
 
     need(c.model.name in MODEL_NAMES, "model.name", f"must be one of {MODEL_NAMES}, got {c.model.name!r}")
-    need(c.model.name != "dir" or c.init["from"], "init.from", "model.name='dir' needs a checkpoint directory")
+    need(c.model.name != "dir" or c.init.checkpoint, "init.checkpoint", "model.name='dir' needs a checkpoint directory")
     need(c.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {c.model.dtype!r}")
     need(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {c.data.source!r}")
     need(c.data.source != "jsonl" or c.data.path, "data.path", "data.source='jsonl' needs a file")
     need(c.data.source != "tfds" or c.data.tfds_name, "data.tfds_name", "data.source='tfds' needs a dataset")
     need(c.data.source == "random" or c.model.name in ("tiny", "dir"), "model.name",
-         f"data.source={c.data.source!r} needs a tokenizer: model.name 'tiny' (built-in) or 'dir' (init.from)")
+         f"data.source={c.data.source!r} needs a tokenizer: model.name 'tiny' (built-in) or 'dir' (init.checkpoint)")
     need(c.data.overflow in ("error", "fewer_slices"), "data.overflow", "must be 'error' or 'fewer_slices'")
     need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
     need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")

@@ -31,7 +31,7 @@ from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
 from uhd_jax.model.text_flops import text_forward_flops
 from uhd_jax.parallel.mesh import batch_rows_divisor, global_batch, initialize_distributed, make_mesh
 from uhd_jax.train.config import check_config
-from uhd_jax.train.optimizer import make_optimizer
+from uhd_jax.train.optimizer import make_optimizer, make_schedule
 from uhd_jax.train.step import TrainState, init_train_state, loss_fn, make_train_step, state_shardings
 
 
@@ -57,7 +57,7 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
         cfg = reference_config()
         cfg = cfg.replace(merger=dataclasses.replace(cfg.merger, downsample_mode=c.model.downsample_mode))
     else:
-        cfg = ModelConfig.from_json(c.init["from"])
+        cfg = ModelConfig.from_json(c.init.checkpoint)
     return cfg.replace(text=cfg.text.with_vocab_multiple(max(1, int(c.mesh.tensor))))
 
 
@@ -88,7 +88,7 @@ def make_processor(cfg: ModelConfig, c, workdir: str):
 
         return Processor.from_pretrained(write_tiny_model_dir(os.path.join(workdir, "tiny_model"), cfg),
                                          downsample_mode=cfg.merger.downsample_mode)
-    return Processor.from_pretrained(c.init["from"], downsample_mode=cfg.merger.downsample_mode)
+    return Processor.from_pretrained(c.init.checkpoint, downsample_mode=cfg.merger.downsample_mode)
 
 
 def _source(c, *, held_out: bool):
@@ -215,12 +215,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     model = MiniCPMV(cfg, dtype=dtype, param_dtype=jnp.float32, attention_impl=c.model.attention,
                      remat_policy=c.model.remat, vision_remat_policy=c.model.vision_remat,
                      unroll=True if c.model.unroll else 1)
+    o = c.optimizer
+    frozen = tuple(o.frozen)
     try:
-        opt = make_optimizer(c.optimizer.learning_rate, warmup_steps=c.optimizer.warmup_steps,
-                             total_steps=c.train.steps, end_lr_ratio=c.optimizer.end_lr_ratio,
-                             weight_decay=c.optimizer.weight_decay, b1=c.optimizer.b1, b2=c.optimizer.b2,
-                             eps=c.optimizer.eps, clip_norm=c.optimizer.clip_norm or None)
-    except ValueError as e:
+        sched_kw = dict(schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=c.train.steps,
+                        end_lr_ratio=o.end_lr_ratio)
+        schedule = make_schedule(o.learning_rate, **sched_kw)
+        opt = make_optimizer(o.learning_rate, **sched_kw, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                             clip_norm=o.clip_norm or None, frozen=frozen,
+                             lr_multipliers=tuple(tuple(m) for m in o.lr_multipliers))
+    except (ValueError, TypeError) as e:
         raise ValueError(f"config optimizer (with train.steps={c.train.steps}): {e}") from None
     processor = None if c.data.source == "random" else make_processor(cfg, c, workdir)
     data = make_data(cfg, c, processor=processor)
@@ -230,13 +234,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
     mngr = _checkpoint_manager(workdir, c)
     start = mngr.latest_step()
-    shardings = state_shardings(model, opt, example, mesh)
+    try:  # the optimizer checks its patterns against the parameter paths when its state is created
+        shardings = state_shardings(model, opt, example, mesh)
+    except ValueError as e:
+        raise ValueError(f"config optimizer: {e}") from None
     if start is None:
         init_params = None
-        if c.init["from"]:
+        if c.init.checkpoint:
             from uhd_jax.convert import load_checkpoint
 
-            _, init_params = load_checkpoint(c.init["from"], vocab_pad_multiple=cfg.text.vocab_pad_multiple)
+            _, init_params = load_checkpoint(c.init.checkpoint, vocab_pad_multiple=cfg.text.vocab_pad_multiple)
         state, shardings = init_train_state(model, opt, example, mesh, jax.random.key(c.seed), params=init_params)
         start = 0
         _say(f"fresh run: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, mesh "
@@ -246,7 +253,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         state = _restore(mngr, start, shardings, abstract, data)
         _say(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints', str(start))})")
 
-    step_fn = make_train_step(model, opt, shardings, mesh)
+    step_fn = make_train_step(model, opt, shardings, mesh, grad_accum=c.train.grad_accum, frozen=frozen,
+                              schedule=schedule)
     writer = MetricWriter(workdir)
     flops, peak = step_flops(cfg, c), peak_flops(c)
     n_dev = jax.device_count()
