@@ -317,6 +317,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
+        if hasattr(data, "close"):  # grain worker processes
+            data.close()
         signal.signal(signal.SIGTERM, previous)
     summary = {"workdir": workdir, "steps": step, "first_loss": first_loss, "last_loss": last_loss,
                "checkpoint": os.path.join(workdir, "checkpoints", str(mngr.latest_step())),
