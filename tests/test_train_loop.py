@@ -116,6 +116,29 @@ def test_metrics_and_tensorboard_and_config_saved(tmp_path):
     losses = {step: v for step, tag, v in _tb_scalars(os.path.join(workdir, "tb")) if tag == "loss"}
     assert losses == pytest.approx({s: rows[s]["loss"] for s in (1, 2, 4)}, rel=1e-6)
 
+    # any step exports to a Hugging Face directory that transformers loads, with our model's logits
+    hf = str(tmp_path / "hf")
+    r = subprocess.run([sys.executable, "-m", "uhd_jax.convert", "jax-to-hf", "--ckpt",
+                        os.path.join(workdir, "checkpoints", "4"), "--out", hf], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    import jax
+    import torch
+    from transformers import MiniCPMV4_6ForConditionalGeneration
+
+    from uhd_jax.convert import load_checkpoint
+    from uhd_jax.model.text_model import TextModel
+
+    cfg, params = load_checkpoint(os.path.join(workdir, "checkpoints", "4"))
+    ids = np.random.default_rng(0).integers(0, 400, (1, 12))
+    ours = TextModel(cfg.text, attention_impl="xla").apply({"params": params["text"]}, ids)[0]
+    ref = MiniCPMV4_6ForConditionalGeneration.from_pretrained(hf).float().eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(ours)[..., :cfg.text.vocab_size]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    assert os.path.isfile(os.path.join(hf, "tokenizer.json"))  # the tiny tokenizer went along
+
 
 def _tb_scalars(directory):
     """(step, tag, value) from TensorBoard event files, read as TFRecords (u64 length, u32 crc, data, u32 crc)."""

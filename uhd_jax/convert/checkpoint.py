@@ -202,20 +202,56 @@ def load_params(path: str, target=None, text: TextConfig | None = None) -> dict:
                                                               restore_args=mapping.unflatten(restore_args)))
 
 
+TRAIN_STATE_DIR = "state"  # a trainer step: WORKDIR/checkpoints/STEP/state (params + optimizer state)
+TRAIN_MODEL_DIR = "model"  # the trainer writes the model's config.json and side files to WORKDIR/model
+
+
+def model_files_dir(ckpt_dir: str) -> str:
+    """Where config.json and the side files of a checkpoint are: the directory itself (hf-to-jax, from-separate),
+    or WORKDIR/model for a trainer step WORKDIR/checkpoints/STEP."""
+    if os.path.isdir(os.path.join(ckpt_dir, TRAIN_STATE_DIR)) and not os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
+        model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir))), TRAIN_MODEL_DIR)
+        if not os.path.isfile(os.path.join(model, CONFIG_FILE)):
+            raise FileNotFoundError(f"{ckpt_dir} is a trainer step but {model}/{CONFIG_FILE} is missing")
+        return model
+    if not os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):
+        raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory, nor a "
+                                f"trainer step WORKDIR/checkpoints/STEP)")
+    return ckpt_dir
+
+
+def _load_train_step(step_dir: str, text: TextConfig) -> dict:
+    """The parameters of a trainer step (numpy), vocabulary padding set to `text`'s. Restores the whole train state
+    (parameters and optimizer moments) on the host and keeps the parameters."""
+    import orbax.checkpoint as ocp
+
+    from uhd_jax.convert import mapping
+
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(os.path.abspath(os.path.join(step_dir, TRAIN_STATE_DIR)))["params"]
+    flat = mapping.flatten(params)
+    for p, axis in mapping.vocab_params(params).items():
+        flat[p] = _resize(np.asarray(flat[p]), axis, text.padded_vocab_size)
+    return mapping.unflatten(flat)
+
+
 def load_checkpoint(ckpt_dir: str, target=None, *, vocab_pad_multiple: int | None = None) -> tuple[ModelConfig, dict]:
-    """(config, params) from a checkpoint directory written by `hf-to-jax` or `from-separate`.
+    """(config, params) from a checkpoint directory written by `hf-to-jax` or `from-separate`, or from a trainer
+    step `WORKDIR/checkpoints/STEP` (numpy only: `target` is not supported there).
 
     The vocabulary padding of the parameters is the config's (`TextConfig.padded_vocab_size`; config.json does
     not hold it: `vocab_pad_multiple` sets it, default TextConfig's), whatever the checkpoint was saved with.
     """
-    cfg = ModelConfig.from_json(ckpt_dir)
+    files = model_files_dir(ckpt_dir)
+    cfg = ModelConfig.from_json(files)
     if vocab_pad_multiple is not None:
         cfg = cfg.replace(text=cfg.text.replace(vocab_pad_multiple=vocab_pad_multiple))
         cfg.text.validate()
-    params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
-        raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory)")
-    return cfg, load_params(params_dir, target, cfg.text)
+    if files != ckpt_dir:
+        if target is not None:
+            raise ValueError(f"{ckpt_dir}: restoring a trainer step onto a target is the trainer's job (resume it)")
+        return cfg, _load_train_step(ckpt_dir, cfg.text)
+    return cfg, load_params(os.path.join(ckpt_dir, PARAMS_DIR), target, cfg.text)
 
 
 def write_checkpoint(out_dir: str, config: dict, params: dict, *, side_from: list[str] = (),

@@ -13,8 +13,8 @@ import re
 
 from uhd_jax.config import ModelConfig
 from uhd_jax.convert import mapping
-from uhd_jax.convert.checkpoint import (CONFIG_FILE, PARAMS_DIR, check_output_dir, copy_side_files, load_params,
-                                        parse_dtype, staging, write_config)
+from uhd_jax.convert.checkpoint import (CONFIG_FILE, check_output_dir, copy_side_files, load_checkpoint,
+                                        model_files_dir, parse_dtype, staging, write_config)
 from uhd_jax.convert.errors import raise_if
 from uhd_jax.convert.safetensors_io import write_safetensors
 from uhd_jax.convert.target import params_shape
@@ -94,15 +94,15 @@ def jax_to_hf(ckpt_dir: str, out_dir: str, *, dtype=None, max_shard_size=DEFAULT
     import json
 
     check_output_dir(out_dir, overwrite, inputs=[ckpt_dir])
-    cfg = ModelConfig.from_json(ckpt_dir)
-    with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+    files = model_files_dir(ckpt_dir)  # the directory itself, or WORKDIR/model for a trainer step
+    check_output_dir(out_dir, overwrite, inputs=[ckpt_dir, files])
+    with open(os.path.join(files, CONFIG_FILE)) as f:
         hf_config = json.load(f)
-    params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
-        raise FileNotFoundError(f"{ckpt_dir} has no {PARAMS_DIR}/ (not a uhd_jax checkpoint directory)")
-    flat = mapping.flatten(load_params(params_dir, text=cfg.text))  # the only reference: freed as written
+    cfg, params = load_checkpoint(ckpt_dir)
+    flat = mapping.flatten(params)  # the only reference: freed as written
+    del params
     dtype = parse_dtype(dtype)
-    with staging(out_dir, overwrite, inputs=[ckpt_dir]) as tmp:
+    with staging(out_dir, overwrite, inputs=[ckpt_dir, files]) as tmp:
         write_hf_weights(tmp, cfg, flat, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), context=ckpt_dir)
-        copy_side_files(ckpt_dir, tmp, skip={CONFIG_FILE})
+        copy_side_files(files, tmp, skip={CONFIG_FILE})
         write_config(os.path.join(tmp, CONFIG_FILE), hf_config, dtype)

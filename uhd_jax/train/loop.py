@@ -91,6 +91,22 @@ def make_processor(cfg: ModelConfig, c, workdir: str):
     return Processor.from_pretrained(c.init.checkpoint, downsample_mode=cfg.merger.downsample_mode)
 
 
+def write_model_files(cfg: ModelConfig, c, workdir: str):
+    """WORKDIR/model: the model's config.json and the tokenizer/processor files, so that every checkpoint step
+    exports on its own (`python -m uhd_jax.convert jax-to-hf --ckpt WORKDIR/checkpoints/STEP`)."""
+    from uhd_jax.convert.checkpoint import CONFIG_FILE, TRAIN_MODEL_DIR, copy_side_files
+
+    out = os.path.join(workdir, TRAIN_MODEL_DIR)
+    os.makedirs(out, exist_ok=True)
+    if c.model.name == "tiny":  # the built-in byte tokenizer's files
+        from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir
+
+        write_tiny_model_dir(out, cfg)
+    elif c.init.checkpoint:
+        copy_side_files(c.init.checkpoint, out, skip={CONFIG_FILE})
+    cfg.to_json(os.path.join(out, CONFIG_FILE))
+
+
 def _source(c, *, held_out: bool):
     from uhd_jax.data import sources
 
@@ -227,6 +243,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     except (ValueError, TypeError) as e:
         raise ValueError(f"config optimizer (with train.steps={c.train.steps}): {e}") from None
     processor = None if c.data.source == "random" else make_processor(cfg, c, workdir)
+    if jax.process_index() == 0:
+        write_model_files(cfg, c, workdir)
     data = make_data(cfg, c, processor=processor)
     example = next(RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
                                  views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view))
