@@ -14,15 +14,19 @@ import numpy as np
 
 from uhd_jax.config import ModelConfig
 from uhd_jax.data.batch import ModelBatch
-from uhd_jax.data.layout import VisionBatch, merge_levels, patches_per_token, write_view
+from uhd_jax.data.layout import VisionBatch, merge_levels, patches_per_token, view_order, write_view
+
+BANK_SIZE = 8
 
 
 def random_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, views: Sequence[Sequence[tuple[int, int]]],
                  views_per_row: int, tokens_per_view: int, seed: int = 0, text_tokens: int = 16,
-                 counting: bool = False, dtype=np.float32) -> ModelBatch:
+                 counting: bool = False, dtype=np.float32, bank: dict | None = None) -> ModelBatch:
     """`views[b]`: the (h, w) patch grids of row b's views (rows beyond len(views) are padding rows; each grid
     divisible by 2^levels). Raises if a row does not fit `seq_len` or its view slots. `counting`: the text after
-    the images cycles through 32 tokens from a random start (a learnable target: a training run's loss falls)."""
+    the images cycles through 32 tokens from a random start (a learnable target: a training run's loss falls).
+    `bank`: a dict to keep random patch arrays in and reuse (BANK_SIZE per grid): host cost of a copy instead of
+    drawing and laying out fresh noise (the full-size benchmark's 40 views per step)."""
     rng = np.random.default_rng(seed)
     mode, mt = cfg.merger.downsample_mode, cfg.merger.merger_times
     levels, unit = merge_levels(mode, mt), patches_per_token(mode, mt)
@@ -50,9 +54,19 @@ def random_batch(cfg: ModelConfig, *, batch_size: int, seq_len: int, views: Sequ
             raise ValueError(f"row {b}: {len(grids)} views > views_per_row={views_per_row}")
         row, placed, index = list(rng.choice(text_ids, text_tokens)), [False] * text_tokens, [0] * text_tokens
         for slot, (h, w) in enumerate(grids):
-            view = rng.standard_normal((3, h * p, w * p)).astype(np.float32)
-            write_view(vb["patches"][b], vb["pos_ids"][b], vb["num_tokens"][b], vb["grid"][b], slot, view,
-                       patch_size=p, levels=levels, positions_per_side=side)
+            if bank is None:
+                view = rng.standard_normal((3, h * p, w * p), dtype=np.float32)
+                write_view(vb["patches"][b], vb["pos_ids"][b], vb["num_tokens"][b], vb["grid"][b], slot, view,
+                           patch_size=p, levels=levels, positions_per_side=side)
+            else:  # noise needs no layout: copy ready patches, positions from the block order of the grid
+                pool = bank.setdefault((h, w), [])
+                k = int(rng.integers(0, BANK_SIZE))
+                while len(pool) <= k:
+                    pool.append(np.random.default_rng((h, w, len(pool))).standard_normal((h * w, 3 * p * p),
+                                                                                         dtype=np.float32))
+                vb["patches"][b, slot, :h * w] = pool[k]
+                vb["pos_ids"][b, slot, :h * w] = view_order(h, w, levels, side)[1]
+                vb["num_tokens"][b, slot], vb["grid"][b, slot] = h * w, (h, w)
             n = h * w // unit
             row += [cfg.image_token_id] * n + list(rng.choice(text_ids, 2))
             placed += [True] * n + [False] * 2
@@ -84,7 +98,10 @@ class RandomBatches:
     GRIDS = ((4, 4), (4, 8), (8, 4), (8, 8))
 
     def __init__(self, cfg: ModelConfig, *, global_batch: int, seq_len: int, views_per_row: int,
-                 tokens_per_view: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1):
+                 tokens_per_view: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
+                 views: int = -1, grid: int = 0):
+        """views: views per row (-1: 0, 1 or 2 at random); grid: every view S x S patches (0: small random grids).
+        views=10, grid=32 is the benchmark workload: one 1344x1344 image (thumbnail + 3x3 slices) per row."""
         if global_batch % shard_count:
             raise ValueError(f"batch_size {global_batch} is not divisible by {shard_count} hosts")
         self.cfg, self.seq_len, self.vpr, self.tpv, self.seed = cfg, seq_len, views_per_row, tokens_per_view, seed
@@ -92,6 +109,14 @@ class RandomBatches:
         self.first_row = shard_index * self.rows
         side = int(np.sqrt(tokens_per_view))
         self.grids = [g for g in self.GRIDS if g[0] * g[1] <= tokens_per_view and max(g) <= side] or [(4, 4)]
+        if grid:
+            if grid * grid > tokens_per_view:
+                raise ValueError(f"views of {grid}x{grid} patches do not fit tokens_per_view={tokens_per_view}")
+            self.grids = [(grid, grid)]
+        if views > views_per_row:
+            raise ValueError(f"{views} views per row > views_per_row={views_per_row}")
+        self.views = views
+        self.bank = {}
         self.index = 0
 
     def __iter__(self):
@@ -101,11 +126,12 @@ class RandomBatches:
         rows = []
         for r in range(self.first_row, self.first_row + self.rows):
             rng = np.random.default_rng((self.seed, self.index, r))
-            n = int(rng.integers(0, min(self.vpr, 2) + 1)) if self.vpr else 0
+            n = self.views if self.views >= 0 else (int(rng.integers(0, min(self.vpr, 2) + 1)) if self.vpr else 0)
             rows.append([self.grids[int(k)] for k in rng.integers(0, len(self.grids), n)])
         batch = random_batch(self.cfg, batch_size=self.rows, seq_len=self.seq_len, views=rows,
                              views_per_row=self.vpr, tokens_per_view=self.tpv, counting=True,
-                             seed=hash((self.seed, self.index, self.first_row)) % (1 << 31), text_tokens=24)
+                             seed=hash((self.seed, self.index, self.first_row)) % (1 << 31), text_tokens=24,
+                             bank=self.bank)
         self.index += 1
         return batch
 

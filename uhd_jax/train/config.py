@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_split = "train"
     c.data.tfds_eval_split = ""
     c.data.synthetic_records = 100_000  # synthetic_ocr: records per epoch
+    c.data.random_views = -1  # random: views per row (-1: 0-2 at random)
+    c.data.random_grid = 0  # random: every view S x S patches (0: small random grids); 32 = a 1344px image's views
     c.data.seq_len = 1024  # one sequence bucket: every batch has this length
     c.data.views_per_row = 10
     c.data.tokens_per_view = 1024

@@ -132,7 +132,8 @@ def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
     if c.data.source == "random":
         return RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
                              views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view, seed=seed,
-                             shard_index=jax.process_index(), shard_count=jax.process_count())
+                             shard_index=jax.process_index(), shard_count=jax.process_count(),
+                             views=c.data.random_views, grid=c.data.random_grid)
     from uhd_jax.data.packer import PackerConfig
     from uhd_jax.data.pipeline import make_batches
 
@@ -145,10 +146,10 @@ def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
 def _data_args(data, save: bool):
     """Orbax args for the data iterator's state: grain's handler (one file per host) for the grain pipeline, a
     JSON item for the random source (its state is the same on every host)."""
-    import grain
-
     if isinstance(data, RandomBatches):
         return ocp.args.JsonSave(data.get_state()) if save else ocp.args.JsonRestore()
+    import grain
+
     return grain.checkpoint.CheckpointSave(data) if save else grain.checkpoint.CheckpointRestore(data)
 
 
