@@ -202,16 +202,20 @@ def _restore(mngr, step: int, shardings, abstract_state, data):
     return got.state
 
 
-def evaluate(model, params, batches, mesh) -> float:
-    """Mean loss over `batches` (held-out; weighted by target tokens)."""
+def make_evaluate(model, mesh):
+    """`evaluate(params, batches) -> mean loss` over held-out batches, weighted by target tokens (compiled once)."""
     fn = jax.jit(lambda p, b: loss_fn(model, p, b))
-    total = tokens = 0.0
-    with jax.set_mesh(mesh):
-        for b in batches:
-            loss, aux = fn(params, global_batch(b, mesh))
-            n = float(aux["tokens"])
-            total, tokens = total + float(loss) * n, tokens + n
-    return total / max(tokens, 1.0)
+
+    def evaluate(params, batches) -> float:
+        total = tokens = 0.0
+        with jax.set_mesh(mesh):
+            for b in batches:
+                loss, aux = fn(params, global_batch(b, mesh))
+                n = float(aux["tokens"])
+                total, tokens = total + float(loss) * n, tokens + n
+        return total / max(tokens, 1.0)
+
+    return evaluate
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -277,7 +281,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     flops, peak = step_flops(cfg, c), peak_flops(c)
     n_dev = jax.device_count()
-    eval_batches = None
+    eval_batches, evaluate = None, make_evaluate(model, mesh)
     if c.train.eval_every and has_eval_data(c):
         held_out = make_data(cfg, c, processor=processor, held_out=True)  # never trained on
         eval_batches = [b for _, b in zip(range(c.train.eval_batches), held_out)]  # a fixed count: hosts agree
@@ -314,7 +318,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                        "mfu": flops / per_step / (peak * n_dev) if peak else None,
                        "eta_s": per_step * (c.train.steps - step)}
                 if eval_batches and (step % c.train.eval_every == 0 or step == c.train.steps):
-                    row["eval_loss"] = evaluate(model, state.params, eval_batches, mesh)
+                    row["eval_loss"] = evaluate(state.params, eval_batches)
                 writer.write(step, row)
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
                 lr = f"{row['lr']:.2e}" if row["lr"] is not None else "n/a"
