@@ -111,6 +111,7 @@ def test_metrics_and_tensorboard_and_config_saved(tmp_path):
         for k in ("loss", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_share", "eta_s", "mfu"):
             assert k in row, k
     assert "eval_loss" in rows[2] and "eval_loss" in rows[4]
+    assert rows[2]["compiles"] > 0 and rows[4]["compiles"] == 0  # steps 3-4 and the second eval reuse programs
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["steps"] == 4
     losses = {step: v for step, tag, v in _tb_scalars(os.path.join(workdir, "tb")) if tag == "loss"}

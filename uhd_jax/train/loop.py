@@ -11,6 +11,7 @@ naming the step, before anything of that step is saved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from uhd_jax.compile_counter import count_compilations
 from uhd_jax.config import ModelConfig, reference_config, tiny_config
 from uhd_jax.data.synthetic import RandomBatches
 from uhd_jax.model.flops import vision_flops
@@ -292,6 +294,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     t_run = time.perf_counter()
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "tokens": 0}
     step = start
+    cleanup = contextlib.ExitStack()
+    counter, seen = cleanup.enter_context(count_compilations()), 0  # every logged row says how many compiles
     try:
         while step < c.train.steps:
             t0 = time.perf_counter()
@@ -319,6 +323,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                        "eta_s": per_step * (c.train.steps - step)}
                 if eval_batches and (step % c.train.eval_every == 0 or step == c.train.steps):
                     row["eval_loss"] = evaluate(state.params, eval_batches)
+                row["compiles"], seen = counter.count - seen, counter.count
                 writer.write(step, row)
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
                 lr = f"{row['lr']:.2e}" if row["lr"] is not None else "n/a"
@@ -337,6 +342,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 _say(f"SIGTERM at step {step}: checkpoint saved, exiting")
                 break
     finally:
+        cleanup.close()
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
