@@ -95,13 +95,14 @@ def test_grad_accum_equals_one_batch(dense):
 def test_hybrid_grad_accum_matches_loosely():
     """The Qwen3.5 hybrid: the chunked Gated DeltaNet's float32 gradient is itself ~1e-4 noisy (any change of
     summation order moves it; see test_sharding), so the bound is that. Measured: loss within 1.5e-7 relative,
-    gradients within 7.4e-5 of the largest entry for k = 2 and 4."""
+    gradients within 7.4e-5 of the largest entry for k = 2 and 4 on this batch (5.4e-4 on another random batch:
+    the noise depends on the data, so the bound has room)."""
     _, model, batch, params = setup("qwen3_5_text")
     loss0, tokens0, g0 = reference(model, params, batch)
     loss, tokens, g = jax.jit(lambda p, b: loss_and_grads(model, p, b, grad_accum=4))(params, batch)
     assert int(tokens) == tokens0
     assert abs(float(loss) - loss0) <= 1e-6 * loss0
-    assert max_diff(g, g0) <= 5e-4 * max_abs(g0), max_diff(g, g0) / max_abs(g0)
+    assert max_diff(g, g0) <= 2e-3 * max_abs(g0), max_diff(g, g0) / max_abs(g0)
 
 
 def test_per_token_normalisation_with_uneven_rows(dense):
