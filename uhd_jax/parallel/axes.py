@@ -54,8 +54,8 @@ def mesh_axes_of(logical: tuple, rules=LOGICAL_AXIS_RULES) -> tuple:
 
 
 def fit_spec(shape, mesh_axes, axis_sizes: dict) -> jax.sharding.PartitionSpec:
-    """PartitionSpec for an array of `shape`: each dim keeps the leading mesh axes of its rule whose product
-    divides it, and axes missing from the mesh or already used by an earlier dim are skipped."""
+    """PartitionSpec for an array of `shape`: each dim keeps the longest prefix of its rule's mesh axes that are
+    in the mesh, not used by an earlier dim, and whose product divides it (the rest of the rule is dropped)."""
     used, spec = set(), []
     for dim, axes in zip(shape, mesh_axes):
         axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))

@@ -116,11 +116,6 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(mesh_axes_of(BATCH_AXES)[0], *([None] * (ndim - 1))))
 
 
-def batch_shardings(batch, mesh: Mesh):
-    """NamedShardings for every array of a batch pytree (ModelBatch: text [B, S], vision [B, Vr, ...])."""
-    return jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), batch)
-
-
 def batch_rows_divisor(mesh: Mesh) -> int:
     """The global batch size must be a multiple of this (the product of the batch mesh axes)."""
     axes = mesh_axes_of(BATCH_AXES)[0]

@@ -18,15 +18,17 @@ import os
 import signal
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from uhd_jax.compile_counter import count_compilations
 from uhd_jax.config import ModelConfig, reference_config, tiny_config
+from uhd_jax.convert.checkpoint import TRAIN_MODEL_DIR
+from uhd_jax.data.processor import Processor
 from uhd_jax.data.synthetic import RandomBatches
 from uhd_jax.model.flops import vision_flops
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
@@ -34,8 +36,7 @@ from uhd_jax.model.text_flops import text_forward_flops
 from uhd_jax.parallel.mesh import batch_rows_divisor, global_batch, initialize_distributed, make_mesh
 from uhd_jax.train.config import check_config
 from uhd_jax.train.optimizer import make_optimizer, make_schedule
-from uhd_jax.train.step import TrainState, init_train_state, loss_fn, make_train_step, state_shardings
-
+from uhd_jax.train.step import abstract_train_state, init_train_state, loss_fn, make_train_step
 
 
 def _say(msg: str):
@@ -43,9 +44,13 @@ def _say(msg: str):
     if jax.process_index() == 0:
         print(msg, flush=True)
 
+
 # bf16 dense peak per chip, for MFU (TFLOP/s); unknown kinds report no MFU unless train.peak_tflops is set
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
                "TPU v4": 275.0, "TPU v6 lite": 918.0}
+
+
+HELD_OUT_SEED_OFFSET = 1_000_003
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,24 +86,12 @@ def step_flops(cfg: ModelConfig, c) -> float:
     return 3.0 * (v + text_forward_flops(cfg.text, b, s)["total"])
 
 
-def make_processor(cfg: ModelConfig, c, workdir: str):
-    """The input processor: the tiny model's built-in byte tokenizer, or the checkpoint directory's."""
-    from uhd_jax.data.processor import Processor
+def write_model_files(cfg: ModelConfig, c, out: str):
+    """`out` (WORKDIR/model): the model's config.json and the tokenizer/processor files (the tiny model's built-in
+    byte tokenizer, or the checkpoint's). The input processor reads them, and every checkpoint step exports with
+    them (`python -m uhd_jax.convert jax-to-hf --ckpt WORKDIR/checkpoints/STEP`)."""
+    from uhd_jax.convert.checkpoint import CONFIG_FILE, copy_side_files
 
-    if c.model.name == "tiny":
-        from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir
-
-        return Processor.from_pretrained(write_tiny_model_dir(os.path.join(workdir, "tiny_model"), cfg),
-                                         downsample_mode=cfg.merger.downsample_mode)
-    return Processor.from_pretrained(c.init.checkpoint, downsample_mode=cfg.merger.downsample_mode)
-
-
-def write_model_files(cfg: ModelConfig, c, workdir: str):
-    """WORKDIR/model: the model's config.json and the tokenizer/processor files, so that every checkpoint step
-    exports on its own (`python -m uhd_jax.convert jax-to-hf --ckpt WORKDIR/checkpoints/STEP`)."""
-    from uhd_jax.convert.checkpoint import CONFIG_FILE, TRAIN_MODEL_DIR, copy_side_files
-
-    out = os.path.join(workdir, TRAIN_MODEL_DIR)
     os.makedirs(out, exist_ok=True)
     if c.model.name == "tiny":  # the built-in byte tokenizer's files
         from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir
@@ -109,12 +102,12 @@ def write_model_files(cfg: ModelConfig, c, workdir: str):
     cfg.to_json(os.path.join(out, CONFIG_FILE))
 
 
-def _source(c, *, held_out: bool):
+def _source(c, *, held_out: bool, seed: int):
     from uhd_jax.data import sources
 
     d = c.data
-    if d.source == "synthetic_ocr":  # the held-out stream renders other records (another seed)
-        return sources.SyntheticOCRSource(d.synthetic_records, seed=c.seed + (1_000_003 if held_out else 0))
+    if d.source == "synthetic_ocr":
+        return sources.SyntheticOCRSource(d.synthetic_records, seed=seed)
     if d.source == "jsonl":
         return sources.JsonlSource(d.eval_path if held_out else d.path)
     return sources.TfdsSource(d.tfds_name, d.tfds_eval_split if held_out else d.tfds_split,
@@ -129,7 +122,7 @@ def has_eval_data(c) -> bool:
 def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
     """This host's batches: an iterator with get_state()/set_state(). `random` needs no processor; the others run
     the grain pipeline (uhd_jax.data.pipeline) over their source."""
-    seed = c.seed + (1_000_003 if held_out else 0)
+    seed = c.seed + (HELD_OUT_SEED_OFFSET if held_out else 0)  # the held-out stream: other records, never trained on
     per_host = c.train.batch_size // jax.process_count()
     if c.data.source == "random":
         return RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
@@ -141,7 +134,7 @@ def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
 
     packer = PackerConfig(batch_size=per_host, seq_buckets=(c.data.seq_len,), tokens_per_view=c.data.tokens_per_view,
                           views_per_row=c.data.views_per_row, overflow=c.data.overflow)
-    return make_batches(_source(c, held_out=held_out), processor, packer, batch_size_per_host=per_host, seed=seed,
+    return make_batches(_source(c, held_out=held_out, seed=seed), processor, packer, batch_size_per_host=per_host, seed=seed,
                         num_workers=0 if held_out else c.data.num_workers, max_bad_fraction=c.data.max_bad_fraction)
 
 
@@ -193,10 +186,9 @@ def _save(mngr, step: int, state, data, *, force: bool = False):
               force=force)
 
 
-def _restore(mngr, step: int, shardings, abstract_state, data):
-    """The train state, restored straight into `shardings` (any mesh), and the data iterator put back in place."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                          shardings)
+def _restore(mngr, step: int, target, data):
+    """The train state, restored straight into `target`'s shardings (any mesh), and the data iterator put back in
+    place."""
     got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                      data=_data_args(data, False)))
     if isinstance(data, RandomBatches):
@@ -249,9 +241,13 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                              lr_multipliers=tuple(tuple(m) for m in o.lr_multipliers))
     except (ValueError, TypeError) as e:
         raise ValueError(f"config optimizer (with train.steps={c.train.steps}): {e}") from None
-    processor = None if c.data.source == "random" else make_processor(cfg, c, workdir)
+    model_dir = os.path.join(workdir, TRAIN_MODEL_DIR)
     if jax.process_index() == 0:
-        write_model_files(cfg, c, workdir)
+        write_model_files(cfg, c, model_dir)
+    if jax.process_count() > 1:  # the other hosts read what process 0 wrote
+        multihost_utils.sync_global_devices("uhd_jax: model files written")
+    processor = None if c.data.source == "random" else Processor.from_pretrained(
+        model_dir, downsample_mode=cfg.merger.downsample_mode)
     data = make_data(cfg, c, processor=processor)
     example = next(RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
                                  views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view))
@@ -260,22 +256,23 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr = _checkpoint_manager(workdir, c)
     start = mngr.latest_step()
     try:  # the optimizer checks its patterns against the parameter paths when its state is created
-        shardings = state_shardings(model, opt, example, mesh)
+        target = abstract_train_state(model, opt, example, mesh)
     except ValueError as e:
         raise ValueError(f"config optimizer: {e}") from None
+    shardings = jax.tree.map(lambda a: a.sharding, target)
     if start is None:
         init_params = None
         if c.init.checkpoint:
             from uhd_jax.convert import load_checkpoint
 
             _, init_params = load_checkpoint(c.init.checkpoint, vocab_pad_multiple=cfg.text.vocab_pad_multiple)
-        state, shardings = init_train_state(model, opt, example, mesh, jax.random.key(c.seed), params=init_params)
+        state, _ = init_train_state(model, opt, example, mesh, jax.random.key(c.seed), params=init_params,
+                                    shardings=shardings)
         start = 0
         _say(f"fresh run: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, mesh "
              f"{dict(mesh.shape)}, workdir {workdir}")
     else:
-        abstract = jax.eval_shape(lambda r: _fresh_state(model, opt, example, r), jax.random.key(0))
-        state = _restore(mngr, start, shardings, abstract, data)
+        state = _restore(mngr, start, target, data)
         _say(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints', str(start))})")
 
     step_fn = make_train_step(model, opt, shardings, mesh, grad_accum=c.train.grad_accum, frozen=frozen,
@@ -353,12 +350,6 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                "checkpoint": os.path.join(workdir, "checkpoints", str(mngr.latest_step())),
                "seconds": time.perf_counter() - t_run, "preempted": bool(stop["signal"])}
     return summary
-
-
-def _fresh_state(model, opt, example, rng):
-    """The TrainState's structure (for restoring): what init_train_state builds."""
-    params = nn.unbox(model.init(rng, example)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
 
 
 def _finite(m) -> bool:

@@ -35,8 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from uhd_jax.data.batch import ModelBatch
 from uhd_jax.model.minicpmv import MiniCPMV
 from uhd_jax.model.text_model import lm_head_table
-from uhd_jax.parallel.axes import constrain, mesh_axes_of
-from uhd_jax.parallel.mesh import BATCH_AXES, batch_rows_divisor, param_shardings
+from uhd_jax.parallel.axes import constrain
+from uhd_jax.parallel.mesh import BATCH_AXES, batch_rows_divisor, batch_sharding, param_shardings
 from uhd_jax.train.loss import chunked_cross_entropy, next_token_targets
 from uhd_jax.train.optimizer import frozen_mask
 
@@ -147,12 +147,22 @@ def state_shardings(model: MiniCPMV, optimizer, example_batch: ModelBatch, mesh:
     return param_shardings(boxed, mesh, report)
 
 
+def abstract_train_state(model: MiniCPMV, optimizer, example_batch: ModelBatch, mesh: Mesh) -> TrainState:
+    """The TrainState as jax.ShapeDtypeStructs that carry their shardings (`.sharding`): the target a checkpoint
+    is restored into, on any mesh. Nothing is allocated."""
+    boxed = jax.eval_shape(lambda r: _boxed_state(model, optimizer, example_batch, r), jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                        param_shardings(boxed, mesh))
+
+
 def init_train_state(model: MiniCPMV, optimizer, example_batch: ModelBatch, mesh: Mesh, rng,
-                     params=None) -> tuple[TrainState, TrainState]:
+                     params=None, shardings: TrainState | None = None) -> tuple[TrainState, TrainState]:
     """A fresh TrainState created directly in its shards (never whole on one device), and its shardings.
     `params` (e.g. a converted checkpoint, host arrays) replaces the random initialisation; it is placed
-    shard by shard and the optimizer state is created around it."""
-    shardings = state_shardings(model, optimizer, example_batch, mesh)
+    shard by shard and the optimizer state is created around it. `shardings`: `state_shardings(...)` when the
+    caller has them already."""
+    if shardings is None:
+        shardings = state_shardings(model, optimizer, example_batch, mesh)
 
     def fresh(r):
         return nn.unbox(_boxed_state(model, optimizer, example_batch, r))
@@ -184,7 +194,7 @@ def make_train_step(model: MiniCPMV, optimizer: optax.GradientTransformation, sh
     bit-identical (with fewer patterns than the optimizer's, the step differentiates parameters the optimizer then
     ignores: wasted work, and grad_norm counts them). skip_nonfinite: when not `finite`, return the input state unchanged (step not advanced)
     instead of applying the update; off by default (the loop stops the run on a non-finite step instead)."""
-    rows = NamedSharding(mesh, PartitionSpec(mesh_axes_of(BATCH_AXES)[0]))  # every batch array: rows split
+    rows = batch_sharding(mesh, 1)  # a prefix for every batch array: rows split, the other dims whole
     replicated = NamedSharding(mesh, PartitionSpec())
     divisor = batch_rows_divisor(mesh)
     frozen = tuple(frozen)
