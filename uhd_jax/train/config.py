@@ -108,8 +108,6 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     need(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {c.data.source!r}")
     need(c.data.source != "jsonl" or c.data.path, "data.path", "data.source='jsonl' needs a file")
     need(c.data.source != "tfds" or c.data.tfds_name, "data.tfds_name", "data.source='tfds' needs a dataset")
-    need(c.data.source == "random" or c.model.name in ("tiny", "dir"), "model.name",
-         f"data.source={c.data.source!r} needs a tokenizer: model.name 'tiny' (built-in) or 'dir' (init.checkpoint)")
     need(c.data.overflow in ("error", "fewer_slices"), "data.overflow", "must be 'error' or 'fewer_slices'")
     need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
     need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")

