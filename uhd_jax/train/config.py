@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODEL_NAMES = ("tiny", "reference", "dir")
+MODEL_NAMES = ("tiny", "small", "reference", "dir")
 DATA_SOURCES = ("random", "synthetic_ocr", "jsonl", "tfds")
 DTYPES = ("float32", "bfloat16")
 
@@ -20,8 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "tiny"  # tiny: tiny_config(); reference: the real architecture, random weights; dir: init.checkpoint
-    c.model.text_model = "qwen3_5_text"  # tiny only: qwen3_5_text (hybrid) or qwen3 (dense)
+    c.model.name = "tiny"  # tiny / small: tiny_config() / small_config() (byte tokenizer); reference: the real
+    # architecture and vocabulary, random weights; dir: init.checkpoint
+    c.model.text_model = "qwen3_5_text"  # tiny / small only: qwen3_5_text (hybrid) or qwen3 (dense)
     c.model.downsample_mode = "16x"
     c.model.dtype = "bfloat16"  # compute dtype; parameters are float32
     c.model.attention = "auto"
@@ -41,6 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_split = "train"
     c.data.tfds_eval_split = ""
     c.data.synthetic_records = 100_000  # synthetic_ocr: records per epoch
+    c.data.ocr_max_words = 4  # synthetic_ocr: words per image (1..n)
+    c.data.ocr_max_word_len = 8  # synthetic_ocr: characters per word (1..n)
+    # image processing (0 / unset: the model directory's preprocessor_config.json)
+    c.data.slice_mode = True  # False: every image resized to one view (slice vs global ablation); True: the model's
+    c.data.max_slice_nums = 0
+    c.data.scale_resolution = 0
     c.data.random_views = -1  # random: views per row (-1: 0-2 at random)
     c.data.random_grid = 0  # random: every view S x S patches (0: small random grids); 32 = a 1344px image's views
     c.data.seq_len = 1024  # one sequence bucket: every batch has this length
@@ -108,6 +115,11 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     need(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got {c.data.source!r}")
     need(c.data.source != "jsonl" or c.data.path, "data.path", "data.source='jsonl' needs a file")
     need(c.data.source != "tfds" or c.data.tfds_name, "data.tfds_name", "data.source='tfds' needs a dataset")
+    need(c.data.max_slice_nums >= 0, "data.max_slice_nums", f"must be >= 0, got {c.data.max_slice_nums}")
+    need(c.data.scale_resolution == 0 or c.data.scale_resolution >= 14, "data.scale_resolution",
+         f"must be 0 (the model's) or >= 14 px, got {c.data.scale_resolution}")
+    need(c.data.ocr_max_words >= 1 and c.data.ocr_max_word_len >= 1, "data.ocr_max_words",
+         "ocr_max_words and ocr_max_word_len must be >= 1")
     need(c.data.overflow in ("error", "fewer_slices"), "data.overflow", "must be 'error' or 'fewer_slices'")
     need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
     need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from uhd_jax.compile_counter import count_compilations
-from uhd_jax.config import ModelConfig, reference_config, tiny_config
+from uhd_jax.config import ModelConfig, reference_config, small_config, tiny_config
 from uhd_jax.convert.checkpoint import TRAIN_MODEL_DIR
 from uhd_jax.data.processor import Processor
 from uhd_jax.data.synthetic import RandomBatches
@@ -60,6 +60,8 @@ class NonFiniteLoss(RuntimeError):
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     if c.model.name == "tiny":
         cfg = tiny_config(text_model=c.model.text_model, downsample_mode=c.model.downsample_mode)
+    elif c.model.name == "small":
+        cfg = small_config(text_model=c.model.text_model, downsample_mode=c.model.downsample_mode)
     elif c.model.name == "reference":
         cfg = reference_config()
         cfg = cfg.replace(merger=dataclasses.replace(cfg.merger, downsample_mode=c.model.downsample_mode))
@@ -94,7 +96,7 @@ def write_model_files(cfg: ModelConfig, c, out: str):
     from uhd_jax.convert.checkpoint import CONFIG_FILE, copy_side_files
 
     os.makedirs(out, exist_ok=True)
-    if c.model.name == "tiny":  # the built-in byte tokenizer's files
+    if c.model.name in ("tiny", "small"):  # the built-in byte tokenizer's files
         from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir
 
         write_tiny_model_dir(out, cfg)
@@ -107,12 +109,27 @@ def write_model_files(cfg: ModelConfig, c, out: str):
     cfg.to_json(os.path.join(out, CONFIG_FILE))
 
 
+def make_processor(c, model_dir: str, cfg: ModelConfig) -> Processor:
+    """The input processor of WORKDIR/model with the config's image-processing overrides (data.slice_mode=False,
+    data.max_slice_nums, data.scale_resolution; True / 0 keep the model directory's setting)."""
+    d = c.data
+    over = {"downsample_mode": cfg.merger.downsample_mode}
+    if not d.slice_mode:
+        over["slice_mode"] = False
+    if d.max_slice_nums:
+        over["max_slice_nums"] = int(d.max_slice_nums)
+    if d.scale_resolution:
+        over["scale_resolution"] = int(d.scale_resolution)
+    return Processor.from_pretrained(model_dir, **over)
+
+
 def _source(c, *, held_out: bool, seed: int):
     from uhd_jax.data import sources
 
     d = c.data
     if d.source == "synthetic_ocr":
-        return sources.SyntheticOCRSource(d.synthetic_records, seed=seed)
+        return sources.SyntheticOCRSource(d.synthetic_records, seed=seed, max_words=d.ocr_max_words,
+                                          max_word_len=d.ocr_max_word_len)
     if d.source == "jsonl":
         return sources.JsonlSource(d.eval_path if held_out else d.path)
     return sources.TfdsSource(d.tfds_name, d.tfds_eval_split if held_out else d.tfds_split,
@@ -251,8 +268,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         write_model_files(cfg, c, model_dir)
     if jax.process_count() > 1:  # the other hosts read what process 0 wrote
         multihost_utils.sync_global_devices("uhd_jax: model files written")
-    processor = None if c.data.source == "random" else Processor.from_pretrained(
-        model_dir, downsample_mode=cfg.merger.downsample_mode)
+    processor = None if c.data.source == "random" else make_processor(c, model_dir, cfg)
     data = make_data(cfg, c, processor=processor)
     example = next(RandomBatches(cfg, global_batch=c.train.batch_size, seq_len=c.data.seq_len,
                                  views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view))
