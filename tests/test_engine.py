@@ -23,8 +23,7 @@ from uhd_jax.convert import load_hf
 from uhd_jax.data.batch import ModelBatch
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.data.processor import Processor
-from uhd_jax.infer.cache import init_cache
-from uhd_jax.infer.engine import CacheCapacityError, Generator, Request, SlotEngine, row_keys
+from uhd_jax.infer.engine import CacheCapacityError, Generator, Request, SlotEngine, greedy, row_keys
 from uhd_jax.model.gated_deltanet import ChunkOptions
 from uhd_jax.model.minicpmv import MiniCPMV
 
@@ -93,9 +92,13 @@ def reference(m, raw, images, mode, max_new, eos):
     with torch.no_grad():
         out = m["ref"].generate(**enc, do_sample=False, max_new_tokens=max_new, eos_token_id=list(eos),
                                 pad_token_id=0, downsample_mode=mode)
-    new = out[0, enc["input_ids"].shape[1]:].numpy()
-    stops = np.flatnonzero(np.isin(new, eos))
-    return enc["input_ids"][0].numpy(), (new if not len(stops) else new[:stops[0] + 1])
+    return enc["input_ids"][0].numpy(), cut(out[0, enc["input_ids"].shape[1]:].numpy(), eos)
+
+
+def cut(tokens, stops):
+    """Greedy tokens up to and including the first stop id (what generate returns with those eos ids)."""
+    hits = np.flatnonzero(np.isin(tokens, stops))
+    return tokens if not len(hits) else tokens[:hits[0] + 1]
 
 
 def stop_token(outputs):
@@ -109,14 +112,17 @@ def stop_token(outputs):
 
 
 def generate_vs_reference(m, mode, rows, max_new):
+    """Our batch against the reference run on each prompt alone. The reference runs with the real eos ids; the
+    extra stop id taken from its outputs ends its rows where its greedy tokens first hit it."""
     cases = [prompts()[r] for r in rows]
     eos = m["proc"].eos_token_ids
-    stops = tuple(eos) + (stop_token([reference(m, *c, mode, k, eos)[1] for c, k in zip(cases, max_new)]),)
+    refs = [reference(m, *c, mode, k, eos) for c, k in zip(cases, max_new)]
+    stops = tuple(eos) + (stop_token([t for _, t in refs]),)
     proc = Processor.from_pretrained(m["dir"], downsample_mode=mode)
     samples = [proc(raw, images)[0] for raw, images in cases]
     got = generate(m, pack(m, samples, mode), max_new + [BUFFER] * (ROWS - len(rows)), stop_ids=stops)
-    for r, ((raw, images), s) in enumerate(zip(cases, samples)):
-        ids, want = reference(m, raw, images, mode, max_new[r], stops)
+    for r, (s, (ids, ref)) in enumerate(zip(samples, refs)):
+        want = cut(ref, stops)
         np.testing.assert_array_equal(s.input_ids, ids)  # same prompt in
         np.testing.assert_array_equal(got.tokens[r], want, err_msg=f"row {r}")
         assert got.finish_reasons[r] == ("stop" if want[-1] in stops else "length")
@@ -273,9 +279,19 @@ def test_slot_engine_matches_alone_without_recompiling(hybrid):
         return [Request(proc(raw, images)[0], max_new_tokens=k, id=first_id + i)
                 for i, (raw, images, k) in enumerate(wave)]
 
+    inserts = []  # (slot, the other slot's (running, tokens so far)) at each insertion
+    insert = engine._insert
+
+    def watched(st, row, slot):
+        other = 1 - int(slot)
+        inserts.append((int(slot), (not bool(st.done[other]), int(st.num_tokens[other]))))
+        return insert(st, row, slot)
+
+    engine._insert = watched
     for r in requests(wave1, 0):
         engine.submit(r)
     res = engine.run()
+    assert len(inserts) == 4 and any(running and n > 0 for _, (running, n) in inserts[2:]), inserts
     with count_compilations() as c:
         for r in requests(wave2, 10):
             engine.submit(r)
@@ -292,25 +308,29 @@ def test_slot_engine_matches_alone_without_recompiling(hybrid):
 
 
 def test_float32_logits_and_streaming():
-    """A bfloat16 model still gives float32 logits to the picker (no rounding of the head's output); a stream
-    callback sees every token of every row in order."""
+    """A bfloat16 model still hands float32 logits to the picker, not rounded bf16 ones (prefill and decode
+    steps); a stream callback sees every token of every row in order."""
     cfg = tiny_config()
     ids = np.random.default_rng(0).integers(0, 400, (2, 12)).astype(np.int32)
     mask = np.arange(12)[None] < np.array([[12], [7]])
     z = np.zeros_like(ids)
     batch = ModelBatch(input_ids=ids, attention_mask=mask, positions=z, visual_index=z, visual_mask=z > 0,
                        loss_mask=mask)
-    model = MiniCPMV(cfg, dtype=jnp.bfloat16, attention_impl="xla")
+    model = MiniCPMV(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl="xla")
     params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
-    logits, cache = model.apply({"params": params}, batch, init_cache(cfg, 2, 20), method=MiniCPMV.prefill)
-    step, _ = model.apply({"params": params}, jnp.argmax(logits, -1), cache, method=MiniCPMV.decode_step)
-    for x in (logits, step):
-        assert x.dtype == jnp.float32 and x.shape == (2, cfg.text.padded_vocab_size)
-        real = np.asarray(x[:, :cfg.text.vocab_size])
-        assert (real != real.astype(jnp.bfloat16).astype(np.float32)).mean() > 0.5
 
-    seen = []
-    g = Generator(model, stop_ids=(), stream=lambda tok, took: seen.append((np.asarray(tok), np.asarray(took))))
+    logits_seen, streamed = [], []
+
+    def pick(logits, ctx):
+        assert logits.dtype == jnp.float32 and logits.shape == (2, cfg.text.padded_vocab_size)
+        jax.debug.callback(lambda x: logits_seen.append(np.asarray(x)), logits, ordered=True)
+        return greedy(logits, ctx)
+
+    g = Generator(model, stop_ids=(), pick_fn=pick, stream=lambda tok, took: streamed.append((tok, took)))
     out = g.generate(params, batch, max_new_tokens=np.array([5, 3]))
+    assert len(logits_seen) == 5 and [len(t) for t in out.tokens] == [5, 3]
+    for x in logits_seen:
+        real = x[:, :cfg.text.vocab_size]
+        assert (real != real.astype(jnp.bfloat16).astype(np.float32)).mean() > 0.5
     for r in range(2):
-        np.testing.assert_array_equal(np.array([t[r] for t, took in seen if took[r]]), out.tokens[r])
+        np.testing.assert_array_equal(np.array([t[r] for t, took in streamed if took[r]]), out.tokens[r])

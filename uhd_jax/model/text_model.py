@@ -325,9 +325,10 @@ def first_real_token(attention_mask):
 
 
 def rotate_rows(a, shift):
-    """a [B, S, ...]: row b rotated left by shift[b] (out[b, i] = a[b, (i + shift[b]) % S])."""
+    """a [B, S, ...]: row b rotated left by shift[b] (out[b, i] = a[b, (i + shift[b]) % S]); a per-row gather."""
     s = a.shape[1]
-    return jax.vmap(lambda r, k: jax.lax.dynamic_slice_in_dim(jnp.concatenate([r, r]), k, s))(a, shift)
+    idx = (jnp.arange(s, dtype=jnp.int32)[None] + shift[:, None]) % s
+    return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
 def check_padding(attention_mask) -> None:
