@@ -185,6 +185,11 @@ def test_left_and_right_padding_match_reference(hybrid):
             np.testing.assert_array_equal(got.tokens[r], ref[r])
         np.testing.assert_array_equal(got.tokens[2], reference(m, raw, images, "16x", BUFFER, eos)[1])
 
+    holey = np.asarray(left.attention_mask).copy()
+    holey[0, -3] = False  # a gap inside row 0's tokens: no processor makes this; refused before anything runs
+    with pytest.raises(ValueError, match=r"rows \[0\] have padding between real tokens"):
+        generate(m, left.replace(attention_mask=holey), [BUFFER] * 3)
+
     fwd = jax.jit(m["model"].apply)
     lr, _ = fwd({"params": m["params"]}, right)
     ll, _ = fwd({"params": m["params"]}, left)
