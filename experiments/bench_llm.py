@@ -235,7 +235,8 @@ def main():
 
         def prefill(p, ids, mask, model=model):
             cache = init_cache(cfg, 1, max_len, jnp.bfloat16)
-            logits, out = model.apply({"params": p}, ids, attention_mask=mask, cache=cache, last_logits_only=True)
+            logits, out = model.apply({"params": p}, ids, attention_mask=mask, cache=cache, last_logits_only=True,
+                                      cache_empty=True)
             return logits, out["cache"]
 
         f = text_forward_flops(cfg, 1, PREFILL_LEN, logits_tokens=1, chunk=o)

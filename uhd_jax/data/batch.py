@@ -18,7 +18,8 @@ from uhd_jax.data.layout import VisionBatch
 @flax.struct.dataclass
 class ModelBatch:
     """input_ids:     [B, S] int32 token ids (padding: any id, masked by attention_mask).
-    attention_mask: [B, S] bool, True for real tokens (left-aligned: real tokens first).
+    attention_mask: [B, S] bool, True for real tokens (the packer puts them first; the model accepts any
+                    layout where each row's real tokens are contiguous, e.g. left padding).
     positions:      [B, S] int32 rope positions (0.. for real tokens, 0 on padding).
     visual_index:   [B, S] int32 index into the row's own flattened visual tokens [Vr*T_out] (0 where unused).
     visual_mask:    [B, S] bool, True at <|image_pad|> positions that receive a visual token.

@@ -249,7 +249,8 @@ class ChunkOptions:
 
 
 class GatedDeltaNet(nn.Module):
-    """x [B, S, D] -> [B, S, D]. `decode=True`: S == 1 and `cache` holds the conv and recurrent states.
+    """x [B, S, D] -> [B, S, D]. `decode=True`: S == 1 and `cache` holds the conv and recurrent states. A prefill
+    with a cache continues from it (conv window and recurrent state; zeros for a fresh cache).
 
     Parameters are the reference's, except that in_proj_qkv's output channels and the conv kernel [K, C] are
     grouped per key head (`qkv_hf_order`), so the channel dim shards over whole heads.
@@ -293,11 +294,12 @@ class GatedDeltaNet(nn.Module):
             window = jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)  # [B, K, C]
             conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32), wf)[:, None]
             new_conv = window[:, 1:]
-        else:
-            padded = jnp.pad(qkv, ((0, 0), (ksize - 1, 0), (0, 0)))
+        else:  # left context: the cached last K-1 inputs (continued prefill), or zeros
+            padded = jnp.pad(qkv, ((0, 0), (ksize - 1, 0), (0, 0))) if cache is None \
+                else jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)
             conv = sum(padded[:, j:j + s].astype(jnp.float32) * wf[j] for j in range(ksize))
             new_conv = None
-            if cache is not None:  # the last K-1 real inputs of each row (zeros before the start)
+            if cache is not None:  # the last K-1 real inputs of each row (context before the start)
                 lengths = jnp.full((bsz,), s, jnp.int32) if mask is None else mask.sum(-1).astype(jnp.int32)
                 idx = lengths[:, None] + jnp.arange(ksize - 1)[None]
                 new_conv = jnp.take_along_axis(padded, idx[..., None], axis=1)
@@ -317,7 +319,8 @@ class GatedDeltaNet(nn.Module):
             state, o = gated_delta_step(cache["state"], qp[:, 0], kp[:, 0], vp[:, 0], gp[:, 0], bp[:, 0])
             core = o[:, None].astype(self.dtype)
         else:
-            core, state = chunk_gated_delta_rule(q, k, v, g, beta, **dataclasses.asdict(self.chunk))
+            core, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None if cache is None
+                                                 else cache["state"], **dataclasses.asdict(self.chunk))
         core = GatedRMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
             core, z.reshape(bsz, s, hv, dv))
         y = Dense(d, ("heads", "embed"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -31,12 +31,13 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = default_kernel_init
+    out_dtype: Dtype | None = None  # accumulate and emit this dtype (e.g. float32 logits from bf16); None: dtype
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
                             self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         if self.use_bias:
             bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axes[1],)), (self.features,),
                               self.param_dtype)

@@ -5,8 +5,12 @@ static-shape and row-local: the vision encoder runs the views of all rows as one
 tokens; row b's are flattened to [Vr * T_out, D] and sequence position (b, s) takes entry `visual_index[b, s]`
 wherever `visual_mask[b, s]`. The host builds those indices (`uhd_jax.data.packer`) and `check_visual_placement`
 verifies them before anything runs on the device.
-Decoding continues with the text model alone: `model.text_model().apply({"params": params["text"]}, ...,
-cache=cache, decode=True)`.
+Generation goes through two methods with an explicit cache (`uhd_jax.infer.cache.DecodeCache`, created by
+`uhd_jax.infer.cache.init_cache`):
+    logits, cache = model.apply(variables, batch, cache, method="prefill")       # prompts (with images) in
+    logits, cache = model.apply(variables, tokens, cache, method="decode_step")  # one token per row
+Both return float32 logits [B, Vp] of each row's last token. A prefill on a cache that already holds tokens
+continues it (multi-turn chat without recomputing the history). The host-side engine is `uhd_jax.infer.engine`.
 """
 
 from __future__ import annotations
@@ -98,12 +102,40 @@ class MiniCPMV(nn.Module):
     unroll: int | bool = 1  # layers (vision) / blocks (text) per layer-scan iteration; True: straight-line code
 
     def text_model(self, **kw) -> TextModel:
-        """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for decoding."""
+        """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for text-only scoring."""
         return TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
                          attention_impl=self.attention_impl, chunk=self.chunk, **kw)
 
+    def prefill(self, batch: ModelBatch, cache):
+        """Appends the batch's prompts (images encoded once per view, visual tokens placed) to each row's cache:
+        the KV of the full-attention layers from slot cache.lengths[b] on, the DeltaNet conv window and recurrent
+        state continued, positions continuing from cache.lengths[b] (batch.positions is not used). Any padding
+        layout with contiguous real tokens (right or left). Returns (float32 logits [B, Vp] of each row's last
+        real token, the new cache). Rows whose tokens do not fit the capacity come out `overflowed`."""
+        logits, out = self(batch, cache={"layers": cache.layers, "lengths": cache.lengths}, last_logits_only=True,
+                           _cache_empty=cache.empty, _logits_dtype=jnp.float32)
+        new = out["cache"]
+        return logits[:, 0], cache.replace(layers=new["layers"], lengths=new["lengths"], empty=False)
+
+    def decode_step(self, tokens, cache, active=None):
+        """tokens [B] int: one new token per row, at slot / position cache.lengths[b]. active [B] bool (default
+        all): rows where False keep their cache unchanged (finished rows, free slots). Returns (float32 logits
+        [B, Vp], the new cache)."""
+        tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
+        ones = jnp.ones(tokens.shape, bool)
+        zeros = jnp.zeros(tokens.shape, jnp.int32)
+        step = ModelBatch(input_ids=tokens, attention_mask=ones, positions=zeros, visual_index=zeros,
+                          visual_mask=~ones, loss_mask=~ones)
+        logits, out = self(step, cache={"layers": cache.layers, "lengths": cache.lengths}, _decode=True,
+                           _active=active, _logits_dtype=jnp.float32)
+        new = out["cache"]
+        return logits[:, 0], cache.replace(layers=new["layers"], lengths=new["lengths"], empty=False)
+
     @nn.compact
-    def __call__(self, batch: ModelBatch, *, cache=None, last_logits_only: bool = False, compute_logits: bool = True):
+    def __call__(self, batch: ModelBatch, *, cache=None, last_logits_only: bool = False, compute_logits: bool = True,
+                 _decode: bool = False, _cache_empty: bool = False, _active=None, _logits_dtype=None):
+        """The forward pass; `cache` (the text model's {"layers", "lengths"} dict) and the underscored arguments
+        serve `prefill` / `decode_step`. With a cache, positions continue from its lengths."""
         out = {}
         placed = None
         if batch.vision is not None:
@@ -120,8 +152,9 @@ class MiniCPMV(nn.Module):
         text = TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
                          attention_impl=self.attention_impl, chunk=self.chunk, scan_unroll=self.unroll, name="text")
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
-                                positions=jnp.asarray(batch.positions), cache=cache, last_logits_only=last_logits_only,
-                                compute_logits=compute_logits,
-                                placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask)
+                                positions=None if cache is not None else jnp.asarray(batch.positions), cache=cache,
+                                last_logits_only=last_logits_only, compute_logits=compute_logits,
+                                placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask,
+                                decode=_decode, cache_empty=_cache_empty, active=_active, logits_dtype=_logits_dtype)
         out.update(text_out)
         return logits, out

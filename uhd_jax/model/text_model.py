@@ -6,9 +6,22 @@ num_layers / period. Full attention goes through `uhd_jax.model.attention.dot_pr
 
 Modes (all return `(logits, out)`, `out` a dict of named intermediates):
   - plain forward (training, scoring): no cache.
-  - prefill: `cache=init_cache(...)`; fills the KV cache and the DeltaNet states; `out["cache"]` is the new cache.
-  - decode: `decode=True`, one token per row, `cache` from prefill or the previous step.
-Padding: `attention_mask` [B, S] bool with real tokens left-aligned (padding at the end of each row).
+  - prefill: `cache` = {"layers", "lengths"} (`init_cache`); each row's tokens are appended after the
+    `lengths[b]` tokens the row already holds: KV written from slot lengths[b] on, queries attend to the cached
+    keys too, the DeltaNet starts from the cached conv window and recurrent state, positions continue from
+    lengths[b]. `cache_empty=True` (static) promises every row holds 0 tokens: then attention stays inside the
+    chunk (cheaper) and the cache buffers are only written. `out["cache"]` is the new cache. A write past the
+    capacity T is dropped (never clamped onto the last slot) and the row's new length exceeds T, which marks it
+    overflowed; callers refuse such requests beforehand (`uhd_jax.infer`).
+  - decode: `decode=True`, one token per row, `cache` from prefill or the previous step; rows where `active`
+    is False keep their cache unchanged.
+Padding layouts accepted (`attention_mask` [B, S] bool): each row's real tokens contiguous, either first (right
+padding: the packer's) or last (left padding: `Processor.pad(padding_side="left")`, transformers' batched
+generation), or anywhere in between with padding on both sides. The model rotates each row so that its real
+tokens come first before the first layer (positions, placed visual tokens and the mask travel with them) and
+rotates the outputs back, so results do not depend on the layout and the cache always holds each row's tokens
+from slot 0. Rows whose real tokens are not contiguous are not supported (`check_padding` rejects them on the
+host).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
@@ -89,17 +103,25 @@ class FullAttention(nn.Module):
         k = apply_rope(norm("k_norm")(k), ctx["cos"], ctx["sin"])
 
         new_cache = None
-        if self.decode:
-            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
-            kc = write(cache["k"], k.astype(cache["k"].dtype), ctx["index"])
-            vc = write(cache["v"], v.astype(cache["v"].dtype), ctx["index"])
+        if self.decode:  # slot ctx["write"][b]; out of range (inactive row, full cache): dropped, never clamped
+            write = lambda c, new: c.at[jnp.arange(bsz), ctx["write"]].set(new[:, 0].astype(c.dtype), mode="drop")
+            kc, vc = write(cache["k"], k), write(cache["v"], v)
             new_cache = {"k": kc, "v": vc}
             o = dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), kv_lengths=ctx["index"] + 1,
                                       implementation=self.attention_impl)
+        elif cache is not None and ctx["offset"] is not None:  # continued prefill: after each row's cached tokens
+            slots = ctx["offset"][:, None] + jnp.arange(s)  # [B, S]; slots >= T are dropped
+            write = lambda c, new: c.at[jnp.arange(bsz)[:, None], slots].set(new.astype(c.dtype), mode="drop")
+            kc, vc = write(cache["k"], k), write(cache["v"], v)
+            new_cache = {"k": kc, "v": vc}
+            visible = jnp.arange(kc.shape[1])[None, None, :] <= slots[:, :, None]  # [B, S, T]
+            o = dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=visible[:, None],
+                                      implementation=self.attention_impl)
         else:
-            if cache is not None:
-                kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0))
-                vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0))
+            if cache is not None:  # empty cache: written from slot 0 (tokens past the capacity dropped)
+                t = cache["k"].shape[1]
+                write = lambda c, new: jax.lax.dynamic_update_slice(c, new[:, :t].astype(c.dtype), (0, 0, 0, 0))
+                kc, vc = write(cache["k"], k), write(cache["v"], v)
                 new_cache = {"k": kc, "v": vc}
             o = dot_product_attention(q, k, v, kv_lengths=ctx["lengths"], causal=True,
                                       implementation=self.attention_impl)
@@ -195,13 +217,17 @@ class TextModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
                  decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None,
-                 compute_logits: bool = True):
+                 compute_logits: bool = True, cache_empty: bool = False, active=None, logits_dtype=None):
         """input_ids [B, S] int or inputs_embeds [B, S, D]; attention_mask [B, S] bool; positions [B, S] int32
-        (default: 0.. in prefill, the cache length in decode). placed_embeds [B, S, D] replace the token
-        embeddings where placed_mask [B, S] is True (visual tokens). last_logits_only: logits of each row's last
-        real token only, [B, 1, V]. compute_logits=False skips lm_head and returns logits None (training with a
-        chunked loss on out["norm"], the final hidden states, and `lm_head_table`). Returns (logits [B, S or 1, V]
-        or None, out); V is config.padded_vocab_size, the padded columns masked (`mask_padded_vocab`)."""
+        (default: 0.. on each row's real tokens in prefill, continuing from the cache length; the cache length in
+        decode). placed_embeds [B, S, D] replace the token embeddings where placed_mask [B, S] is True (visual
+        tokens). last_logits_only: logits of each row's last real token only, [B, 1, V]. compute_logits=False
+        skips lm_head and returns logits None (training with a chunked loss on out["norm"], the final hidden
+        states, and `lm_head_table`). cache_empty (static, with a cache): every row of the cache holds 0 tokens.
+        active [B] bool (decode): rows that take this token; the others keep their cache. logits_dtype: the lm_head
+        accumulates and emits this dtype (float32 for decoding: no rounding of bf16 logits); default `dtype`.
+        Returns (logits [B, S or 1, V] or None, out); V is config.padded_vocab_size, the padded columns masked
+        (`mask_padded_vocab`)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -216,22 +242,39 @@ class TextModel(nn.Module):
             else inputs_embeds.astype(self.dtype)
         if placed_embeds is not None:
             x = jnp.where(placed_mask[..., None], placed_embeds.astype(self.dtype), x)
-        x = constrain(x, TOKEN_ACTIVATIONS)
         bsz, s, _ = x.shape
 
+        shift = None  # rows rotated so that their real tokens come first (left padding); rotated back at the end
+        if attention_mask is not None and not decode:
+            attention_mask = attention_mask.astype(bool)
+            shift = first_real_token(attention_mask)
+            x, attention_mask = rotate_rows(x, shift), rotate_rows(attention_mask, shift)
+            positions = None if positions is None else rotate_rows(positions, shift)
+        x = constrain(x, TOKEN_ACTIVATIONS)
+
+        layers = None if cache is None else cache["layers"]
+        offset = index = write = lengths = None
         if decode:
             index = cache["lengths"]
-            lengths, new_lengths = None, index + 1
+            write = index if active is None else jnp.where(active, index, jnp.iinfo(jnp.int32).max)
+            new_lengths = index + 1 if active is None else index + active.astype(index.dtype)
             if positions is None:
                 positions = index[:, None]
         else:
-            index = None
             lengths = None if attention_mask is None else attention_mask.sum(-1).astype(jnp.int32)
-            new_lengths = jnp.full((bsz,), s, jnp.int32) if lengths is None else lengths
+            chunk = jnp.full((bsz,), s, jnp.int32) if lengths is None else lengths
+            if cache is not None and not cache_empty:
+                offset = cache["lengths"].astype(jnp.int32)
+            elif cache is not None:  # nothing cached: the DeltaNet starts from zeros
+                layers = {name: jax.tree.map(jnp.zeros_like, c) if "state" in c else c for name, c in layers.items()}
+            new_lengths = chunk if offset is None else offset + chunk
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (bsz, s))
+                if offset is not None:
+                    positions = positions + offset[:, None]
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "mask": attention_mask, "lengths": lengths, "index": index}
+        ctx = {"cos": cos, "sin": sin, "mask": attention_mask, "lengths": lengths, "index": index, "write": write,
+               "offset": offset}
 
         period = layer_period(cfg.layer_types)
         block = DecoderBlock
@@ -242,28 +285,64 @@ class TextModel(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         h, (new_layers, hidden) = stack(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype,
                                         self.attention_impl, self.chunk, decode,
-                                        name="layers")(x, None if cache is None else cache["layers"], ctx)
+                                        name="layers")(x, layers, ctx)
+        if decode and active is not None:  # inactive rows keep their DeltaNet states (their KV write was dropped)
+            keep = lambda new, old: jnp.where(active.reshape((1, bsz) + (1,) * (new.ndim - 2)), new, old)
+            new_layers = {name: jax.tree.map(keep, c, cache["layers"][name]) if "state" in c else c
+                          for name, c in new_layers.items()}
 
-        out = {"embeds": x}
+        back = (lambda a: a) if shift is None else (lambda a: rotate_rows(a, (s - shift) % s))
+        out = {"embeds": back(x)}
         hidden = hidden.reshape((cfg.num_hidden_layers,) + hidden.shape[2:])
         for i in range(cfg.num_hidden_layers):
-            out[f"layer_{i:02d}"] = hidden[i]
+            out[f"layer_{i:02d}"] = back(hidden[i])
         h = RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="norm")(h)
-        out["norm"] = h
         if cache is not None:
             out["cache"] = {"layers": new_layers, "lengths": new_lengths}
+        if last_logits_only and not decode:
+            last = jnp.maximum(chunk - 1, 0)[:, None, None]
+            h_last = jnp.take_along_axis(h, last, axis=1)
+        h = back(h)
+        out["norm"] = h
         if not compute_logits:
             return None, out
         if last_logits_only and not decode:
-            last = (new_lengths - 1)[:, None, None]
-            h = jnp.take_along_axis(h, last, axis=1)
+            h = h_last
+        out_dtype = self.dtype if logits_dtype is None else logits_dtype
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("bsd,vd->bsv", h, table.astype(self.dtype))
+            logits = jnp.einsum("bsd,vd->bsv", h, table.astype(self.dtype), preferred_element_type=out_dtype)
         else:
             logits = Dense(padded, ("embed", "vocab"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=_zero_padded_vocab(default_kernel_init, vocab, 1), name="lm_head")(h)
-        return mask_padded_vocab(logits, vocab), out
+                           kernel_init=_zero_padded_vocab(default_kernel_init, vocab, 1), out_dtype=logits_dtype,
+                           name="lm_head")(h)
+        return mask_padded_vocab(logits.astype(out_dtype), vocab), out
+
+
+def first_real_token(attention_mask):
+    """[B, S] bool -> [B] int32: index of each row's first real token (0 for a row without any)."""
+    return jnp.argmax(attention_mask, axis=-1).astype(jnp.int32)
+
+
+def rotate_rows(a, shift):
+    """a [B, S, ...]: row b rotated left by shift[b] (out[b, i] = a[b, (i + shift[b]) % S]); a per-row gather."""
+    s = a.shape[1]
+    idx = (jnp.arange(s, dtype=jnp.int32)[None] + shift[:, None]) % s
+    return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def check_padding(attention_mask) -> None:
+    """Host-side: every row's real tokens are contiguous (right, left or both-sides padding); raises ValueError
+    naming the rows otherwise (the model would silently mix their tokens up)."""
+    m = np.asarray(attention_mask, bool)
+    bad = []
+    for b, row in enumerate(m):
+        idx = np.flatnonzero(row)
+        if len(idx) and idx[-1] - idx[0] + 1 != len(idx):
+            bad.append(b)
+    if bad:
+        raise ValueError(f"rows {bad} have padding between real tokens (attention_mask); accepted layouts: each "
+                         "row's real tokens contiguous (right or left padding)")
 
 
 def lm_head_table(text_params: dict, config: TextConfig):

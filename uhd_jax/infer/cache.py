@@ -1,0 +1,73 @@
+"""The decode cache: explicit state with its own type, driven through `MiniCPMV.prefill` / `MiniCPMV.decode_step`.
+
+One `DecodeCache` holds, for B rows and a capacity of T token slots:
+  - `layers`: per scanned block of the LLM (leading axis G = num_layers / period), per layer of the period
+    (`layer_0` ..): full attention {"k", "v": [G, B, T, K, H]}; Gated DeltaNet {"conv": [G, B, K-1, C] (the last
+    conv inputs), "state": [G, B, Hv, Dk, Dv] float32}.
+  - `lengths` [B] int32: tokens each row holds, in slots 0 .. lengths-1 (positions 0 .. lengths-1: the slot is
+    the rope position). A row whose length exceeds `capacity` has overflowed: its last writes were dropped and
+    its logits are not to be used (`overflowed`); the engine refuses such requests before they run.
+  - `capacity` (static): T.
+  - `empty` (static): True only for a cache that holds nothing in any row (`init_cache`, `reset`): its prefill
+    attends inside the new tokens only and writes the buffers from slot 0. A cache coming out of `prefill`,
+    `decode_step` or `insert` is never empty, so a prefill on it appends (continued prefill).
+
+Rows are independent: `insert` writes rows of one cache into slots of another (continuous batching: a request is
+prefilled alone, then takes a free slot while the other slots keep decoding).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from uhd_jax.config import ModelConfig, TextConfig
+from uhd_jax.model.text_model import init_cache as _init_text_cache
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    layers: dict
+    lengths: jax.Array
+    capacity: int = flax.struct.field(pytree_node=False)
+    empty: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def overflowed(self):
+        """[B] bool: rows that received more tokens than the capacity (their cache is incomplete)."""
+        return self.lengths > self.capacity
+
+    def reset(self) -> "DecodeCache":
+        """Every row emptied (buffers left as they are: an empty cache's prefill overwrites what it reads)."""
+        return self.replace(lengths=jnp.zeros_like(self.lengths), empty=True)
+
+    def insert(self, rows: "DecodeCache", slots) -> "DecodeCache":
+        """Rows 0..n-1 of `rows` (same capacity and layer shapes, n rows) written into slots `slots` [n] int of
+        this cache. `slots` may be traced: one compiled program serves every slot."""
+        if rows.capacity != self.capacity:
+            raise ValueError(f"cannot insert rows of a cache of capacity {rows.capacity} into one of "
+                             f"{self.capacity}")
+        slots = jnp.asarray(slots, jnp.int32).reshape(-1)
+        layers = jax.tree.map(lambda big, small: big.at[:, slots].set(small.astype(big.dtype)), self.layers,
+                              rows.layers)
+        return self.replace(layers=layers, lengths=self.lengths.at[slots].set(rows.lengths), empty=False)
+
+    def take(self, rows) -> "DecodeCache":
+        """The cache of rows `rows` [n] int (e.g. one conversation out of a batch, to continue it alone)."""
+        rows = jnp.asarray(rows, jnp.int32).reshape(-1)
+        return self.replace(layers=jax.tree.map(lambda a: a[:, rows], self.layers), lengths=self.lengths[rows])
+
+
+def init_cache(config: ModelConfig | TextConfig, batch_size: int, capacity: int, dtype=jnp.bfloat16) -> DecodeCache:
+    """An empty cache of `capacity` token slots per row. KV and conv windows in `dtype`; the DeltaNet recurrent
+    state is always float32."""
+    text = config.text if isinstance(config, ModelConfig) else config
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    c = _init_text_cache(text, batch_size, capacity, dtype)
+    return DecodeCache(layers=c["layers"], lengths=c["lengths"], capacity=capacity, empty=True)
