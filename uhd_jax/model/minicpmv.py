@@ -121,7 +121,8 @@ class MiniCPMV(nn.Module):
                          attention_impl=self.attention_impl, chunk=self.chunk, scan_unroll=self.unroll, name="text")
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
                                 positions=jnp.asarray(batch.positions), cache=cache, last_logits_only=last_logits_only,
-                                compute_logits=compute_logits,
+                                compute_logits=compute_logits, segment_ids=None if batch.segment_ids is None
+                                else jnp.asarray(batch.segment_ids),
                                 placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask)
         out.update(text_out)
         return logits, out

@@ -9,6 +9,9 @@ Modes (all return `(logits, out)`, `out` a dict of named intermediates):
   - prefill: `cache=init_cache(...)`; fills the KV cache and the DeltaNet states; `out["cache"]` is the new cache.
   - decode: `decode=True`, one token per row, `cache` from prefill or the previous step.
 Padding: `attention_mask` [B, S] bool with real tokens left-aligned (padding at the end of each row).
+Packed rows: `segment_ids` [B, S] (plain forward only) puts several samples in a row; attention stays inside each
+sample and the DeltaNet conv and state reset at every sample start (`uhd_jax.model.segments`), so each sample's
+outputs are what it gives alone (with positions restarting at 0 per sample, which the packer writes).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
+from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
 from uhd_jax.parallel.axes import TOKEN_ACTIVATIONS, constrain, with_axes
 
@@ -68,7 +72,8 @@ class FullAttention(nn.Module):
     @nn.compact
     def __call__(self, x, ctx, cache=None):
         """x [B, S, D]; ctx: cos/sin [B, S, R/2], lengths [B] or None (prefill), index [B] (decode: tokens
-        already in the cache). cache: {"k", "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
+        already in the cache), segments [B, S] run index or None (packed rows: keys of the query's own sample
+        only). cache: {"k", "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
         cfg = self.config
         bsz, s, d = x.shape
         n, kh, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -101,7 +106,9 @@ class FullAttention(nn.Module):
                 kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, 0))
                 vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, 0, 0))
                 new_cache = {"k": kc, "v": vc}
+            segments = ctx.get("segments")
             o = dot_product_attention(q, k, v, kv_lengths=ctx["lengths"], causal=True,
+                                      mask=None if segments is None else same_segment_mask(segments),
                                       implementation=self.attention_impl)
         o = o.reshape(bsz, s, n * h)
         if gated:
@@ -129,7 +136,7 @@ class DecoderLayer(nn.Module):
         if self.layer_type == "linear_attention":
             h, cache = GatedDeltaNet(cfg, self.dtype, self.param_dtype, chunk=self.chunk,
                                      decode=self.decode, name="linear_attn")(
-                h, ctx["mask"], cache)
+                h, ctx["mask"], cache, ctx.get("segments"))
         else:
             h, cache = FullAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.decode,
                                      name="self_attn")(h, ctx, cache)
@@ -195,18 +202,23 @@ class TextModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
                  decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None,
-                 compute_logits: bool = True):
+                 compute_logits: bool = True, segment_ids=None):
         """input_ids [B, S] int or inputs_embeds [B, S, D]; attention_mask [B, S] bool; positions [B, S] int32
         (default: 0.. in prefill, the cache length in decode). placed_embeds [B, S, D] replace the token
         embeddings where placed_mask [B, S] is True (visual tokens). last_logits_only: logits of each row's last
         real token only, [B, 1, V]. compute_logits=False skips lm_head and returns logits None (training with a
-        chunked loss on out["norm"], the final hidden states, and `lm_head_table`). Returns (logits [B, S or 1, V]
-        or None, out); V is config.padded_vocab_size, the padded columns masked (`mask_padded_vocab`)."""
+        chunked loss on out["norm"], the final hidden states, and `lm_head_table`). segment_ids [B, S] int or None:
+        packed samples, a new one wherever the id changes (plain forward only; positions default to 0.. per sample).
+        Returns (logits [B, S or 1, V] or None, out); V is config.padded_vocab_size, the padded columns masked
+        (`mask_padded_vocab`)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if decode and cache is None:
             raise ValueError("decode needs the cache from prefill")
+        if segment_ids is not None and (decode or cache is not None):
+            raise ValueError("segment_ids (packed rows) are for the plain forward (training, scoring); a cache holds "
+                             "one sequence per row")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
         vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
@@ -229,9 +241,12 @@ class TextModel(nn.Module):
             lengths = None if attention_mask is None else attention_mask.sum(-1).astype(jnp.int32)
             new_lengths = jnp.full((bsz,), s, jnp.int32) if lengths is None else lengths
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (bsz, s))
+                positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (bsz, s)) if segment_ids is None \
+                    else segment_positions(segment_ids)
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)
         ctx = {"cos": cos, "sin": sin, "mask": attention_mask, "lengths": lengths, "index": index}
+        if segment_ids is not None:  # only then: the unpacked program is unchanged
+            ctx["segments"] = segment_runs(segment_ids)
 
         period = layer_period(cfg.layer_types)
         block = DecoderBlock
