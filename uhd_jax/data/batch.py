@@ -25,6 +25,11 @@ class ModelBatch:
     visual_mask:    [B, S] bool, True at <|image_pad|> positions that receive a visual token.
     loss_mask:      [B, S] bool, True where the token is a training target (assistant turns).
     vision:         VisionBatch with leading dims [B, Vr] (Vr view slots per row), or None for a text-only batch.
+    segment_ids:    [B, S] int32 or None. None: one sample per row. Packed rows (`PackerConfig.pack`): the row's
+                    samples numbered 1, 2, ... and padding 0; positions restart at 0 for each sample, a sample's
+                    views take consecutive view slots of the row (visual_index stays row-local), and the model
+                    keeps the samples apart (attention, DeltaNet conv and state reset where the id changes;
+                    no next-token target crosses a change). Batch-sharded like input_ids.
     """
 
     input_ids: np.ndarray
@@ -34,3 +39,4 @@ class ModelBatch:
     visual_mask: np.ndarray
     loss_mask: np.ndarray
     vision: VisionBatch | None = None
+    segment_ids: np.ndarray | None = None

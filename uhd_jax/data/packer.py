@@ -16,6 +16,14 @@ and are 0 on padding; loss_mask[b, s] is True where token s itself is a training
 Rows beyond the samples given are all padding. View slots beyond a row's views are zero with num_tokens 0.
 With `views_per_row=0` batches are text-only (vision None).
 
+Packing (`pack=True`): a row holds several samples, placed greedily in order (next-fit): a sample goes into the
+current row if its tokens fit the largest bucket and its views the row's free view slots, otherwise it starts the
+next row; S is then the smallest bucket that holds the longest row. Within a row the samples follow one another
+(real tokens still left-aligned), `segment_ids` numbers them 1, 2, ... (0 on padding), positions restart at 0 for
+each, and a sample's views take the row's next view slots, so `visual_index` stays row-local. The model keeps the
+samples apart (uhd_jax.model.segments) and no next-token target crosses from one to the next. With `pack=False`
+(the default) rows and arrays are exactly as without the option (segment_ids None).
+
 When a sample does not fit (a view above `tokens_per_view` patches, more views than `views_per_row`, more
 tokens than the largest bucket), `overflow` decides: "error" raises SampleDoesNotFit naming the sample and the
 reason; "fewer_slices" rebuilds it with a smaller `max_slice_nums` (down to 1: thumbnail only) until it fits,
@@ -69,6 +77,7 @@ class PackerConfig:
     positions_per_side: int = 70  # side of the ViT's learned position table
     merger_times: int | None = None  # the processor's (None); a different value is an error
     patches_dtype: str = "float32"  # or "bfloat16": half the host memory and transfer, not bit-exact pixels
+    pack: bool = False  # several samples per row (segment_ids); False: one sample per row
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW_POLICIES:
@@ -79,6 +88,39 @@ class PackerConfig:
             raise ValueError("batch_size must be >= 1")
         if self.views_per_row < 0:
             raise ValueError(f"views_per_row must be >= 0, got {self.views_per_row}")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack must be True or False, got {self.pack!r}")
+
+
+class RowFiller:
+    """Which row of a batch each next sample goes to; the one rule that `Packer.pack`, `Packer.batches` and the
+    grain pipeline share. `add(sample)` returns the row index, or None when the sample does not fit this batch
+    (it starts the next one); `full` says no further sample can fit (so nothing more needs to be read).
+    pack=False: one sample per row. pack=True: next-fit, a row holds samples while their tokens fit the largest
+    bucket and their views the row's view slots. Samples must already fit a row alone (`Packer.fit`)."""
+
+    def __init__(self, config: PackerConfig):
+        self.config = config
+        self.rows = 0  # rows started
+        self.tokens = 0  # tokens and views of the last row
+        self.views = 0
+
+    def add(self, s: Sample) -> int | None:
+        c = self.config
+        n, v = len(s), s.num_views
+        if c.pack and self.rows and self.tokens + n <= c.seq_buckets[-1] and self.views + v <= c.views_per_row:
+            self.tokens, self.views = self.tokens + n, self.views + v
+            return self.rows - 1
+        if self.rows == c.batch_size:
+            return None
+        self.rows, self.tokens, self.views = self.rows + 1, n, v
+        return self.rows - 1
+
+    @property
+    def full(self) -> bool:
+        if self.rows < self.config.batch_size:
+            return False
+        return not self.config.pack or self.tokens >= self.config.seq_buckets[-1]
 
 
 class Packer:
@@ -140,21 +182,40 @@ class Packer:
                 return b
         raise SampleDoesNotFit(f"{length} tokens > the largest sequence bucket {self.config.seq_buckets[-1]}")
 
+    def assign_rows(self, samples: Sequence[Sample]) -> list[int]:
+        """The row of each sample (`RowFiller`: sample i in row i, or packed next-fit with `pack`); raises
+        ValueError if they need more than `batch_size` rows. Samples must fit alone (`fit`)."""
+        filler, out = RowFiller(self.config), []
+        for i, s in enumerate(samples):
+            r = filler.add(s)
+            if r is None:
+                raise ValueError(f"{len(samples)} samples need more than batch_size={self.config.batch_size} rows "
+                                 f"(sample {i}, {s.name}, does not fit)" + (" with pack=True" if self.config.pack
+                                                                           else ""))
+            out.append(r)
+        return out
+
     def pack(self, samples: Sequence[Sample], *, alloc: Callable[[list], dict] | None = None) -> ModelBatch:
         """One ModelBatch of `batch_size` rows (missing rows are all padding); sample i is row i with its views
-        in that row's slots. Applies the overflow policy to samples that do not fit.
+        in that row's slots, or with `pack` several samples per row (`assign_rows`). Applies the overflow policy to
+        samples that do not fit.
 
         `alloc(specs)`, specs a list of (name, shape, dtype), returns zero-filled arrays by name (default:
         np.zeros); the grain pipeline's workers use it to pack straight into shared memory."""
         c = self.config
-        if len(samples) > c.batch_size:
+        if len(samples) > c.batch_size and not c.pack:
             raise ValueError(f"{len(samples)} samples > batch_size={c.batch_size}")
         samples = [self.fit(s) for s in samples]
-        S = self.bucket(max((len(s) for s in samples), default=1))
+        row_of = self.assign_rows(samples)
+        row_len = np.zeros(c.batch_size, np.int64)
+        for s, r in zip(samples, row_of):
+            row_len[r] += len(s)
+        S = self.bucket(max(int(row_len.max()), 1))
         B, V, T = c.batch_size, c.views_per_row, c.tokens_per_view
         pdim = 3 * self.patch_size**2
-        specs = [(f, (B, S), np.int32 if f in ("input_ids", "positions", "visual_index") else np.bool_)
-                 for f in _BATCH_FIELDS]
+        fields = _BATCH_FIELDS + (("segment_ids",) if c.pack else ())
+        specs = [(f, (B, S), np.int32 if f in ("input_ids", "positions", "visual_index", "segment_ids") else np.bool_)
+                 for f in fields]
         if V > 0:
             specs += [("vision.patches", (B, V, T, pdim), _dtype(c.patches_dtype)),
                       ("vision.pos_ids", (B, V, T), np.int32), ("vision.num_tokens", (B, V), np.int32),
@@ -163,24 +224,34 @@ class Packer:
         input_ids = arr["input_ids"]
         input_ids[...] = self.processor.pad_token_id
         T_out = self.out_tokens_per_view
-        for b, s in enumerate(samples):
-            L = len(s)
-            input_ids[b, :L] = s.input_ids
-            arr["attention_mask"][b, :L] = True
-            arr["positions"][b, :L] = np.arange(L, dtype=np.int32)
-            arr["loss_mask"][b, :L] = s.loss_mask
+        offset = np.zeros(B, np.int64)  # next free token of each row
+        first_slot = np.zeros(B, np.int64)  # next free view slot of each row
+        count = np.zeros(B, np.int32)  # samples in each row so far
+        for s, b in zip(samples, row_of):
+            L, o, k0 = len(s), int(offset[b]), int(first_slot[b])
+            input_ids[b, o:o + L] = s.input_ids
+            arr["attention_mask"][b, o:o + L] = True
+            arr["positions"][b, o:o + L] = np.arange(L, dtype=np.int32)
+            arr["loss_mask"][b, o:o + L] = s.loss_mask
+            if c.pack:
+                count[b] += 1
+                arr["segment_ids"][b, o:o + L] = count[b]
             runs = check_placeholders(s.input_ids, s.view_grids, self.processor.image_token_id, self.mode, s.name,
                                       self.merger_times)
-            for slot, ((start, n), v) in enumerate(zip(runs, s.views)):
-                arr["visual_index"][b, start:start + n] = slot * T_out + np.arange(n, dtype=np.int32)
-                arr["visual_mask"][b, start:start + n] = True
+            for i, ((start, n), v) in enumerate(zip(runs, s.views)):
+                slot = k0 + i
+                arr["visual_index"][b, o + start:o + start + n] = slot * T_out + np.arange(n, dtype=np.int32)
+                arr["visual_mask"][b, o + start:o + start + n] = True
                 self._put_view(arr, b, slot, v, s.name)
+            offset[b] += L
+            first_slot[b] += s.num_views
         vision = None
         if V > 0:
             vision = VisionBatch(patches=arr["vision.patches"], pos_ids=arr["vision.pos_ids"],
                                  num_tokens=arr["vision.num_tokens"], grid=arr["vision.grid"], mode=self.mode,
                                  merger_times=self.merger_times)
-        return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision)
+        return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision,
+                          segment_ids=arr["segment_ids"] if c.pack else None)
 
     def _put_view(self, arr, row: int, slot: int, view: np.ndarray, name: str):
         """Writes one view into view slot `slot` of row `row`, in place (no second copy of the batch)."""
@@ -193,10 +264,11 @@ class Packer:
 
     def batches(self, samples: Iterable[Sample], *, on_skip: Callable[[Sample, Exception], None] | None = None,
                 alloc: Callable[[list], dict] | None = None) -> Iterator[ModelBatch]:
-        """Streaming batcher: `batch_size` samples per batch, in order (the last one may have padding rows). A
-        sample that does not fit raises, or with `on_skip` is reported there and skipped (counted by the caller;
-        its image tokens are never silently dropped)."""
+        """Streaming batcher: `batch_size` samples per batch (with `pack`: as many as fill `batch_size` rows), in
+        order (the last one may have padding rows). A sample that does not fit raises, or with `on_skip` is
+        reported there and skipped (counted by the caller; its image tokens are never silently dropped)."""
         cur: list[Sample] = []
+        filler = RowFiller(self.config)
         for s in samples:
             try:
                 s = self.fit(s)
@@ -205,10 +277,14 @@ class Packer:
                     raise
                 on_skip(s, e)
                 continue
-            cur.append(s)
-            if len(cur) == self.config.batch_size:
+            if filler.add(s) is None:  # pack: this sample starts the next batch
                 yield self.pack(cur, alloc=alloc)
-                cur = []
+                cur, filler = [], RowFiller(self.config)
+                filler.add(s)
+            cur.append(s)
+            if filler.full:
+                yield self.pack(cur, alloc=alloc)
+                cur, filler = [], RowFiller(self.config)
         if cur:
             yield self.pack(cur, alloc=alloc)
 

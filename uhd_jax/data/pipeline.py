@@ -2,7 +2,8 @@
 
     source indices -> this host's shard [shard_index::shard_count] -> shuffle (seeded, a new order each epoch)
       -> repeat (num_epochs, or forever) -> read record + Processor.build (images loaded, sliced) + Packer.fit
-      -> groups of `batch_size_per_host` good samples -> Packer.pack -> [worker processes] -> bad-record guard
+      -> groups of `batch_size_per_host` good samples (packer_config.pack: as many as fill that many rows)
+      -> Packer.pack -> [worker processes] -> bad-record guard
 
 Everything up to the packing is grain (`grain.MapDataset` range / slice / shuffle / repeat / map,
 `to_iter_dataset` with `ReadOptions` threads, `mp_prefetch` worker processes whose batches come back through
@@ -23,6 +24,7 @@ workers in turn, so changing `num_workers` changes how records group into batche
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -33,7 +35,7 @@ import numpy as np
 
 from uhd_jax.data.batch import ModelBatch
 from uhd_jax.data.image_io import ImageLoadError
-from uhd_jax.data.packer import Packer, PackerConfig, SampleDoesNotFit
+from uhd_jax.data.packer import Packer, PackerConfig, RowFiller, SampleDoesNotFit
 from uhd_jax.data.processor import Processor, Sample, SampleRequest
 from uhd_jax.data.sources import DataError
 
@@ -117,23 +119,37 @@ class _PackIterDataset(grain.IterDataset):
 
 
 class _PackIterator(grain.DatasetIterator):
-    """Element: {"batch": ModelBatch | None, "ok": int, "bad": [[name, reason], ...]}. Holds nothing between
-    elements, so its state is its parent's."""
+    """Element: {"batch": ModelBatch | None, "ok": int, "bad": [[name, reason], ...]}.
+
+    Without packing it holds nothing between elements, so its state is its parent's. With packing the batch is
+    full only when a sample does not fit its last row; that sample was read but belongs to the next batch: it is
+    held, and the state is the parent's from before it was read (restoring reads it again)."""
 
     def __init__(self, parent: grain.DatasetIterator, packer: Packer, in_shared_memory: bool):
         super().__init__(parent)
         self._packer = packer
         self._alloc = _shm_zeros if in_shared_memory else None
+        self._held = None  # (sample, the parent's state before it was read)
 
     def __next__(self) -> dict:
         samples, bad = [], []
-        while len(samples) < self._packer.config.batch_size:
+        filler = RowFiller(self._packer.config)
+        if self._held is not None:
+            x, _ = self._held
+            self._held = None
+            filler.add(x)
+            samples.append(x)
+        while not filler.full:
+            before = copy.deepcopy(self._parent.get_state()) if self._packer.config.pack else None
             try:
                 x = next(self._parent)
             except StopIteration:
                 break
             if isinstance(x, BadRecord):
                 bad.append([x.name, x.reason])
+            elif filler.add(x) is None:
+                self._held = (x, before)
+                break
             else:
                 samples.append(x)
         if not samples and not bad:
@@ -143,9 +159,10 @@ class _PackIterator(grain.DatasetIterator):
         return {"batch": batch, "ok": len(samples), "bad": bad}
 
     def get_state(self):
-        return self._parent.get_state()
+        return self._parent.get_state() if self._held is None else copy.deepcopy(self._held[1])
 
     def set_state(self, state):
+        self._held = None
         self._parent.set_state(state)
 
 
@@ -327,7 +344,8 @@ def make_batches(source, processor: Processor, packer_config: PackerConfig, *, b
 
     source: `len(source)` records, `source[i]` a SampleRequest (sources.py), or anything `to_request` turns into
       one. `processor` builds samples; `packer_config` sets the static shapes (its batch_size is replaced by
-      `batch_size_per_host`: rows of this host; leave it at 1 or equal).
+      `batch_size_per_host`: rows of this host; leave it at 1 or equal). With `packer_config.pack` each batch
+      holds as many samples as fill its rows (next-fit, in stream order; batches carry segment_ids).
     seed: shuffle seed (required when shuffle); each epoch is a different permutation of this host's shard.
     num_epochs: None = forever; an int = that many passes, then StopIteration (the last batch may have padding
       rows: all padding, attention_mask False; with workers, each worker's last batch may). Eval: shuffle=False,

@@ -10,6 +10,14 @@ beta_t = sigmoid(b_t). Two equal forms:
   - `gated_delta_step`: one token, for decoding.
 Tokens where the mask is False (padding at the end of a row) are identity steps (g = 0, beta = 0), so the
 final state after a padded prefill is the state after each row's last real token.
+
+Packed rows (`segment_ids`, see `uhd_jax.model.segments`): at every sample start the state restarts from zero and
+the causal conv sees no input of the previous sample. The chunked form does this exactly, with no huge negative
+decay: a reset at token t is a decay factor alpha_t = 0, and the chunked algebra uses the decays only through the
+products D_ij = prod_{j < l <= i} alpha_l (token j to token i), D_i0 (chunk start to i) and D_Cj (j to chunk end);
+with resets these are exp(cum_i - cum_j) where no start lies in (j, i], and exactly 0 otherwise. So the
+intra-chunk decay matrix is cut across samples, and the carried state reaches only the tokens of the sample that
+was running when the chunk began.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uhd_jax.model.layers import Dense
+from uhd_jax.model.segments import segment_runs, segment_starts
 from uhd_jax.parallel.axes import with_axes
 
 Dtype = Any
@@ -76,11 +85,14 @@ SOLVERS = ("blocked", "triangular_solve")
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64, initial_state=None,
-                           state_pass: str = "transition", solver: str = "blocked"):
+                           state_pass: str = "transition", solver: str = "blocked", segment_ids=None):
     """Chunked (parallel) gated delta rule.
 
     q, k: [B, S, Hk, Dk]; v: [B, S, Hv, Dv]; g, beta: [B, S, Hv] (g = log decay <= 0).
     initial_state: [B, Hv, Dk, Dv] or None (zeros).
+    segment_ids: [B, S] int or None: packed samples; the state restarts from zero wherever the id changes
+      (boundaries may fall anywhere in a chunk; see the module notes). The final state is then the last
+      sample's (padding that carries its own id resets it too).
     Returns (out [B, S, Hv, Dv] in v's dtype, final_state [B, Hv, Dk, Dv] float32).
 
     Per chunk of C tokens (UT transform): u = T beta v, w = T beta e^cum k with T = (I + A)^-1; the state
@@ -120,6 +132,15 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64, initial_st
     cum = jnp.cumsum(g, axis=-1)
     causal = jnp.tril(jnp.ones((c, c), bool))
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    e_cum = jnp.exp(cum)  # D_i0: decay from the chunk start to token i
+    e_tail = jnp.exp(cum[..., -1:] - cum)  # D_Cj: from token j to the chunk end
+    e_last = jnp.exp(cum[..., -1])  # D_C0: across the whole chunk
+    if segment_ids is not None:  # decays across a sample start are exactly 0 (alpha = 0 at the start)
+        same, carry, tail = _chunk_segment_masks(segment_ids, c, pad)
+        causal = causal & same  # [N, B, 1, C, C]: j <= i in the same sample
+        e_cum = jnp.where(carry, e_cum, 0.0)  # the carried state reaches only the sample running at the chunk start
+        e_tail = jnp.where(tail, e_tail, 0.0)  # only the chunk's last sample passes its updates on
+        e_last = jnp.where(carry[..., -1], e_last, 0.0)
     decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # e^(cum_i - cum_j), j <= i
 
     # A_ij = beta_i k_i.k_j e^(cum_i - cum_j) for i > j
@@ -127,13 +148,13 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64, initial_st
     if solver == "blocked":
         t = unit_lower_inverse(a)
         u = dot("...cs,...sd->...cd", (t * beta[..., None, :]).astype(cdt), v).astype(cdt)
-        w = dot("...cs,...sd->...cd", (t * (beta * jnp.exp(cum))[..., None, :]).astype(cdt), k).astype(cdt)
+        w = dot("...cs,...sd->...cd", (t * (beta * e_cum)[..., None, :]).astype(cdt), k).astype(cdt)
     else:
-        rhs = jnp.concatenate([v.astype(f32) * beta[..., None], k.astype(f32) * (beta * jnp.exp(cum))[..., None]], -1)
+        rhs = jnp.concatenate([v.astype(f32) * beta[..., None], k.astype(f32) * (beta * e_cum)[..., None]], -1)
         uw = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
         u, w = uw[..., :dv].astype(cdt), uw[..., dv:].astype(cdt)
-    k_tail = (k * jnp.exp(cum[..., -1:] - cum)[..., None]).astype(cdt)
-    chunk_decay = jnp.exp(cum[..., -1])[..., None, None]  # [N, B, H, 1, 1]
+    k_tail = (k * e_tail[..., None]).astype(cdt)
+    chunk_decay = e_last[..., None, None]  # [N, B, H, 1, 1]
     s0 = jnp.zeros((b, h, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
 
     if state_pass == "transition":
@@ -165,10 +186,45 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, chunk_size: int = 64, initial_st
         before, v_new = ys
 
     attn = (dot("...cd,...sd->...cs", q, k) * decay).astype(cdt)
-    out = dot("...cd,...de->...ce", (q * jnp.exp(cum)[..., None]).astype(cdt), before.astype(cdt)) \
+    out = dot("...cd,...de->...ce", (q * e_cum[..., None]).astype(cdt), before.astype(cdt)) \
         + dot("...cs,...se->...ce", attn, v_new)
     out = jnp.moveaxis(jnp.moveaxis(out, 2, 3), 0, 1).reshape(b, n * c, h, dv)[:, :s]
     return out.astype(cdt), final
+
+
+def _chunk_segment_masks(segment_ids, c: int, pad: int):
+    """Masks of the chunked form for packed samples, [N, B, 1, C(, C)] (broadcast over heads):
+    same[i, j]: tokens i and j of a chunk belong to the same sample; carry[i]: token i belongs to the sample that
+    was running just before the chunk (so the carried state reaches it); tail[j]: token j belongs to the chunk's
+    last sample (so its update reaches the state passed on). The padded steps after the row continue its last
+    sample (identity steps, no reset)."""
+    runs = segment_runs(segment_ids)
+    prev = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)  # the run of the token before (itself at 0)
+    if pad:
+        runs = jnp.pad(runs, ((0, 0), (0, pad)), mode="edge")
+        prev = jnp.pad(prev, ((0, 0), (0, pad)), mode="edge")
+    b, n = runs.shape[0], runs.shape[1] // c
+    runs = jnp.moveaxis(runs.reshape(b, n, c), 1, 0)[:, :, None]  # [N, B, 1, C]
+    prev = jnp.moveaxis(prev.reshape(b, n, c), 1, 0)[:, :, None]
+    same = runs[..., :, None] == runs[..., None, :]
+    carry = runs == prev[..., :1]
+    tail = runs == runs[..., -1:]
+    return same, carry, tail
+
+
+def conv_segment_masks(segment_ids, ksize: int) -> list:
+    """For the causal conv over [previous ksize-1 inputs, this input]: masks[j] [B, S] bool, True where the input
+    that tap j reads (ksize-1-j tokens back) belongs to the same sample as the output token."""
+    runs = segment_runs(segment_ids)
+    out = []
+    for j in range(ksize):
+        d = ksize - 1 - j
+        if d == 0:
+            out.append(jnp.ones(runs.shape, bool))
+        else:
+            back = jnp.pad(runs, ((0, 0), (d, 0)), constant_values=-1)[:, :runs.shape[1]]
+            out.append(back == runs)
+    return out
 
 
 def gated_delta_step(state, q, k, v, g, beta):
@@ -181,18 +237,27 @@ def gated_delta_step(state, q, k, v, g, beta):
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None):
-    """Token-by-token form; same arguments and results as `chunk_gated_delta_rule`."""
+def recurrent_gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None):
+    """Token-by-token form; same arguments and results as `chunk_gated_delta_rule` (with `segment_ids` the state
+    is set to zero before the first token of every sample)."""
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     b, s, h, dk = k.shape
     s0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32) if initial_state is None \
         else initial_state.astype(jnp.float32)
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
 
-    def step(state, xs):
-        return gated_delta_step(state, *xs)
+    if segment_ids is None:
+        def step(state, xs):
+            return gated_delta_step(state, *xs)
+    else:
+        xs = xs + (jnp.moveaxis(segment_starts(segment_ids), 1, 0),)
 
-    final, out = jax.lax.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta)))
+        def step(state, xs):
+            state = jnp.where(xs[-1][:, None, None, None], 0.0, state)  # a sample starts: nothing carries over
+            return gated_delta_step(state, *xs[:-1])
+
+    final, out = jax.lax.scan(step, s0, xs)
     return jnp.moveaxis(out, 0, 1).astype(out_dtype), final
 
 
@@ -263,9 +328,12 @@ class GatedDeltaNet(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None, cache=None):
+    def __call__(self, x, mask=None, cache=None, segment_ids=None):
         """mask: [B, S] bool, real tokens left-aligned. cache: `init_deltanet_cache` dict or None.
-        Returns (y [B, S, D], new cache or None)."""
+        segment_ids: [B, S] int or None: packed samples (conv window and state reset where the id changes; not
+        with a cache or decode). Returns (y [B, S, D], new cache or None)."""
+        if segment_ids is not None and (cache is not None or self.decode):
+            raise ValueError("segment_ids (packed rows) take no cache: a cache holds one sequence per row")
         cfg = self.config
         bsz, s, d = x.shape
         hk, hv, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
@@ -297,7 +365,12 @@ class GatedDeltaNet(nn.Module):
         else:  # left context: the cached last K-1 inputs (continued prefill), or zeros
             padded = jnp.pad(qkv, ((0, 0), (ksize - 1, 0), (0, 0))) if cache is None \
                 else jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)
-            conv = sum(padded[:, j:j + s].astype(jnp.float32) * wf[j] for j in range(ksize))
+            if segment_ids is None:
+                conv = sum(padded[:, j:j + s].astype(jnp.float32) * wf[j] for j in range(ksize))
+            else:  # tap j reads the input ksize-1-j tokens back: only from the same sample (no cache: plain forward)
+                same = conv_segment_masks(segment_ids, ksize)
+                conv = sum(jnp.where(same[j][..., None], padded[:, j:j + s].astype(jnp.float32), 0.0) * wf[j]
+                           for j in range(ksize))
             new_conv = None
             if cache is not None:  # the last K-1 real inputs of each row (context before the start)
                 lengths = jnp.full((bsz,), s, jnp.int32) if mask is None else mask.sum(-1).astype(jnp.int32)
@@ -320,7 +393,8 @@ class GatedDeltaNet(nn.Module):
             core = o[:, None].astype(self.dtype)
         else:
             core, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None if cache is None
-                                                 else cache["state"], **dataclasses.asdict(self.chunk))
+                                                 else cache["state"], **dataclasses.asdict(self.chunk),
+                                                 segment_ids=segment_ids)
         core = GatedRMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
             core, z.reshape(bsz, s, hv, dv))
         y = Dense(d, ("heads", "embed"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -154,6 +154,7 @@ class MiniCPMV(nn.Module):
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
                                 positions=None if cache is not None else jnp.asarray(batch.positions), cache=cache,
                                 last_logits_only=last_logits_only, compute_logits=compute_logits,
+                                segment_ids=None if batch.segment_ids is None else jnp.asarray(batch.segment_ids),
                                 placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask,
                                 decode=_decode, cache_empty=_cache_empty, active=_active, logits_dtype=_logits_dtype)
         out.update(text_out)

@@ -22,6 +22,9 @@ tokens come first before the first layer (positions, placed visual tokens and th
 rotates the outputs back, so results do not depend on the layout and the cache always holds each row's tokens
 from slot 0. Rows whose real tokens are not contiguous are not supported (`check_padding` rejects them on the
 host).
+Packed rows: `segment_ids` [B, S] (plain forward only) puts several samples in a row; attention stays inside each
+sample and the DeltaNet conv and state reset at every sample start (`uhd_jax.model.segments`), so each sample's
+outputs are what it gives alone (with positions restarting at 0 per sample, which the packer writes).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
+from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
 from uhd_jax.parallel.axes import TOKEN_ACTIVATIONS, constrain, with_axes
 
@@ -82,7 +86,8 @@ class FullAttention(nn.Module):
     @nn.compact
     def __call__(self, x, ctx, cache=None):
         """x [B, S, D]; ctx: cos/sin [B, S, R/2], lengths [B] or None (prefill), index [B] (decode: tokens
-        already in the cache). cache: {"k", "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
+        already in the cache), segments [B, S] run index or None (packed rows: keys of the query's own sample
+        only). cache: {"k", "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
         cfg = self.config
         bsz, s, d = x.shape
         n, kh, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -123,7 +128,12 @@ class FullAttention(nn.Module):
                 write = lambda c, new: jax.lax.dynamic_update_slice(c, new[:, :t].astype(c.dtype), (0, 0, 0, 0))
                 kc, vc = write(cache["k"], k), write(cache["v"], v)
                 new_cache = {"k": kc, "v": vc}
+            # packed rows: keys of the query's own sample only. On cudnn, jax.nn.dot_product_attention turns this bool
+            # mask into an additive [B, 1, S, S] bias next to its causal + length masks (checked on an H100 with jax
+            # 0.11.2: forward and gradients match the float32 reference, GQA, bf16); it costs O(S^2) memory per row
+            segments = ctx.get("segments")
             o = dot_product_attention(q, k, v, kv_lengths=ctx["lengths"], causal=True,
+                                      mask=None if segments is None else same_segment_mask(segments),
                                       implementation=self.attention_impl)
         o = o.reshape(bsz, s, n * h)
         if gated:
@@ -151,7 +161,7 @@ class DecoderLayer(nn.Module):
         if self.layer_type == "linear_attention":
             h, cache = GatedDeltaNet(cfg, self.dtype, self.param_dtype, chunk=self.chunk,
                                      decode=self.decode, name="linear_attn")(
-                h, ctx["mask"], cache)
+                h, ctx["mask"], cache, ctx.get("segments"))
         else:
             h, cache = FullAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.decode,
                                      name="self_attn")(h, ctx, cache)
@@ -217,15 +227,18 @@ class TextModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
                  decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None,
-                 compute_logits: bool = True, cache_empty: bool = False, active=None, logits_dtype=None):
+                 compute_logits: bool = True, cache_empty: bool = False, active=None, logits_dtype=None,
+                 segment_ids=None):
         """input_ids [B, S] int or inputs_embeds [B, S, D]; attention_mask [B, S] bool; positions [B, S] int32
         (default: 0.. on each row's real tokens in prefill, continuing from the cache length; the cache length in
-        decode). placed_embeds [B, S, D] replace the token embeddings where placed_mask [B, S] is True (visual
-        tokens). last_logits_only: logits of each row's last real token only, [B, 1, V]. compute_logits=False
-        skips lm_head and returns logits None (training with a chunked loss on out["norm"], the final hidden
-        states, and `lm_head_table`). cache_empty (static, with a cache): every row of the cache holds 0 tokens.
-        active [B] bool (decode): rows that take this token; the others keep their cache. logits_dtype: the lm_head
-        accumulates and emits this dtype (float32 for decoding: no rounding of bf16 logits); default `dtype`.
+        decode; 0.. per sample with segment_ids). placed_embeds [B, S, D] replace the token embeddings where
+        placed_mask [B, S] is True (visual tokens). last_logits_only: logits of each row's last real token only,
+        [B, 1, V]. compute_logits=False skips lm_head and returns logits None (training with a chunked loss on
+        out["norm"], the final hidden states, and `lm_head_table`). cache_empty (static, with a cache): every row of
+        the cache holds 0 tokens. active [B] bool (decode): rows that take this token; the others keep their cache.
+        logits_dtype: the lm_head accumulates and emits this dtype (float32 for decoding: no rounding of bf16
+        logits); default `dtype`. segment_ids [B, S] int or None: packed samples, a new one wherever the id changes
+        (plain forward only).
         Returns (logits [B, S or 1, V] or None, out); V is config.padded_vocab_size, the padded columns masked
         (`mask_padded_vocab`)."""
         cfg = self.config
@@ -233,6 +246,9 @@ class TextModel(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if decode and cache is None:
             raise ValueError("decode needs the cache from prefill")
+        if segment_ids is not None and (decode or cache is not None):
+            raise ValueError("segment_ids (packed rows) are for the plain forward (training, scoring); a cache holds "
+                             "one sequence per row")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
         vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
@@ -250,6 +266,7 @@ class TextModel(nn.Module):
             shift = first_real_token(attention_mask)
             x, attention_mask = rotate_rows(x, shift), rotate_rows(attention_mask, shift)
             positions = None if positions is None else rotate_rows(positions, shift)
+            segment_ids = None if segment_ids is None else rotate_rows(segment_ids, shift)
         x = constrain(x, TOKEN_ACTIVATIONS)
 
         layers = None if cache is None else cache["layers"]
@@ -269,12 +286,17 @@ class TextModel(nn.Module):
                 layers = {name: jax.tree.map(jnp.zeros_like, c) if "state" in c else c for name, c in layers.items()}
             new_lengths = chunk if offset is None else offset + chunk
             if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (bsz, s))
-                if offset is not None:
-                    positions = positions + offset[:, None]
+                if segment_ids is not None:
+                    positions = segment_positions(segment_ids)
+                else:
+                    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (bsz, s))
+                    if offset is not None:
+                        positions = positions + offset[:, None]
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)
         ctx = {"cos": cos, "sin": sin, "mask": attention_mask, "lengths": lengths, "index": index, "write": write,
                "offset": offset}
+        if segment_ids is not None:  # only then: the unpacked program is unchanged
+            ctx["segments"] = segment_runs(segment_ids)
 
         period = layer_period(cfg.layer_types)
         block = DecoderBlock

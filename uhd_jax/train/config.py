@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.views_per_row = 10
     c.data.tokens_per_view = 1024
     c.data.overflow = "fewer_slices"  # a sample that does not fit: re-slice it ("fewer_slices") or count it bad
+    c.data.pack = False  # several short samples per row (segment_ids; attention, DeltaNet conv and state reset)
     c.data.num_workers = 0  # grain worker processes
     c.data.max_bad_fraction = 0.01
 
@@ -121,6 +122,10 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     need(c.data.ocr_max_words >= 1 and c.data.ocr_max_word_len >= 1, "data.ocr_max_words",
          "ocr_max_words and ocr_max_word_len must be >= 1")
     need(c.data.overflow in ("error", "fewer_slices"), "data.overflow", "must be 'error' or 'fewer_slices'")
+    need(isinstance(c.data.pack, bool), "data.pack", f"must be True or False, got {c.data.pack!r}")
+    need(not c.data.pack or c.data.source != "random", "data.pack",
+         "packs processed samples (data.source synthetic_ocr, jsonl or tfds); the random source builds one "
+         "sample per row")
     need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
     need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")
     for k in ("log_every", "checkpoint_every"):

@@ -155,7 +155,7 @@ def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
     from uhd_jax.data.pipeline import make_batches
 
     packer = PackerConfig(batch_size=per_host, seq_buckets=(c.data.seq_len,), tokens_per_view=c.data.tokens_per_view,
-                          views_per_row=c.data.views_per_row, overflow=c.data.overflow)
+                          views_per_row=c.data.views_per_row, overflow=c.data.overflow, pack=bool(c.data.pack))
     return make_batches(_source(c, held_out=held_out, seed=seed), processor, packer, batch_size_per_host=per_host, seed=seed,
                         num_workers=0 if held_out else c.data.num_workers, max_bad_fraction=c.data.max_bad_fraction)
 

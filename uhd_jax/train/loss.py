@@ -108,12 +108,17 @@ def chunked_cross_entropy(hidden, table, targets, weights, *, valid_vocab: int |
     return total / jnp.maximum(jnp.sum(wts), 1e-9)
 
 
-def next_token_targets(input_ids, loss_mask):
+def next_token_targets(input_ids, loss_mask, segment_ids=None):
     """Shifted targets and weights for next-token prediction: position s predicts input_ids[s + 1], counted
     where loss_mask[s + 1] is True (the token being predicted is a target). Returns (targets, weights) [B, S];
-    the last position has weight 0."""
+    the last position has weight 0. With `segment_ids` (packed rows) a position also has weight 0 where the next
+    token starts another sample: a sample's last token never predicts the next sample's first."""
     targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
     weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        same = jnp.concatenate([seg[:, 1:] == seg[:, :-1], jnp.zeros_like(seg[:, :1], bool)], axis=1)
+        weights = jnp.where(same, weights, jnp.zeros_like(weights))
     return targets, weights
 
 

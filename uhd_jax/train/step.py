@@ -51,7 +51,7 @@ class TrainState:
 def loss_sum(model: MiniCPMV, params, batch: ModelBatch, *, chunk_tokens: int = 1024):
     """(sum of the next-token cross-entropies over the batch's loss-mask tokens, number of those tokens)."""
     _, out = model.apply({"params": params}, batch, compute_logits=False)
-    targets, weights = next_token_targets(batch.input_ids, batch.loss_mask)
+    targets, weights = next_token_targets(batch.input_ids, batch.loss_mask, batch.segment_ids)
     table = lm_head_table(params["text"], model.config.text)
     total = chunked_cross_entropy(out["norm"], table, targets, weights, valid_vocab=model.config.text.vocab_size,
                                   chunk_tokens=chunk_tokens, compute_dtype=model.dtype, reduction="sum")
@@ -67,7 +67,7 @@ def loss_fn(model: MiniCPMV, params, batch: ModelBatch, *, chunk_tokens: int = 1
 
 def target_tokens(batch: ModelBatch):
     """Number of target tokens of a (global) batch: int32 scalar."""
-    return jnp.sum(next_token_targets(batch.input_ids, batch.loss_mask)[1].astype(jnp.int32))
+    return jnp.sum(next_token_targets(batch.input_ids, batch.loss_mask, batch.segment_ids)[1].astype(jnp.int32))
 
 
 def split_micro_batches(batch: ModelBatch, k: int, rows_divisor: int = 1) -> ModelBatch:
