@@ -175,6 +175,9 @@ def main():
           f"global at scale_resolution {res}: {global_mean:.1f}")
     results["budget"] = {"slice_mean_tokens": slice_mean, "global_mean_tokens": global_mean,
                          "global_scale_resolution": res}
+    for arm in arms:  # a run left in OUT would be resumed by the trainer and its losses mixed into this table
+        if os.path.exists(os.path.join(args.out, arm, "checkpoints")):
+            p.error(f"--out {args.out}: {arm}/ already holds a run; use a new directory")
     for arm in arms:
         c = arm_config(args, arm, res)
         t = time.perf_counter()
