@@ -211,6 +211,7 @@ class Item:
     reference: str | None = None
     record: dict | None = None
     seed: int = 0
+    answers: list | None = None  # evaluate's reference answers
 
 
 def prompt_messages(messages: list[dict]) -> tuple[list[dict], str | None]:
@@ -235,15 +236,17 @@ def error_text(e: BaseException) -> str:
 
 
 def jsonl_items(setup: Setup, path: str, *, image_root: str | None, thinking: bool | None, seed: int,
-                skip: Callable[[Any], bool] = lambda _id: False) -> tuple[int, Iterator[Item]]:
-    """(number of records, an iterator of Items, processed lazily) of a JSONL file; records whose id `skip` says
-    are done are not processed nor yielded."""
+                skip: Callable[[Any], bool] = lambda _id: False, limit: int | None = None
+                ) -> tuple[int, Iterator[Item]]:
+    """(number of records, an iterator of Items, processed lazily) of a JSONL file (its first `limit` records);
+    records whose id `skip` says are done are not processed nor yielded."""
     from uhd_jax.data.sources import DataError, JsonlSource, jsonl_request
 
     src = JsonlSource(path, image_root=image_root)
+    n = len(src) if limit is None else min(len(src), limit)
 
     def items():
-        for i in range(len(src)):
+        for i in range(n):
             name = src.line_name(i)
             try:
                 obj = json.loads(src.read_line(i))
@@ -266,7 +269,19 @@ def jsonl_items(setup: Setup, path: str, *, image_root: str | None, thinking: bo
                 item.error = f"{name}: {error_text(e)}"
             yield item
 
-    return len(src), items()
+    return n, items()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The readable rows of a JSONL file."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
 
 
 def read_done_ids(path: str) -> set[str]:
