@@ -21,7 +21,7 @@ from uhd_jax.model.minicpmv import MiniCPMV
 # small views (<= 8x8 patches): fast on CPU
 PREPROCESSOR = dict(scale_resolution=112, max_slice_nums=2)
 # the CLI flags that size the tiny runs (one prefill bucket, few views)
-FLAGS = ["--prompt-buckets", "96", "--max-new-tokens", "6", "--views-per-row", "3", "--tokens-per-view", "80"]
+FLAGS = ["--prompt-buckets", "96", "--max-new-tokens", "6", "--views-per-row", "3", "--tokens-per-view", "128"]
 
 
 def make_checkpoint(path: str, seed: int = 0, **generation) -> str:
