@@ -125,8 +125,19 @@ def test_bad_flags_are_usage_errors(files, capsys, extra, needle):
 
 def test_usage_errors_from_the_command_line(files, tmp_path):
     """As a subprocess: a missing checkpoint names --checkpoint; --input without --output; no traceback."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
     for argv, needle in [(["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], "--checkpoint"),
-                         (["--checkpoint", files["ckpt"], "--input", "x.jsonl"], "--input needs --output")]:
+                         (["--checkpoint", files["ckpt"], "--input", "x.jsonl"], "--input needs --output"),
+                         (["--checkpoint", files["ckpt"], "--input", str(empty), "--output", "o.jsonl"],
+                          "--input: " + str(empty) + ": no records"),
+                         (["--checkpoint", files["ckpt"], "--input", str(tmp_path / "missing.jsonl"), "--output",
+                           "o.jsonl"], "--input: " + str(tmp_path / "missing.jsonl") + ": no such JSONL file"),
+                         (["--checkpoint", files["ckpt"], "--input", str(one), "--output", "o.jsonl", "--capacity",
+                           "100", "--prompt-buckets", "64,128"], "--capacity 100 is smaller than the largest "
+                                                                 "--prompt-buckets entry 128")]:
         r = subprocess.run([sys.executable, "-m", "uhd_jax.generate", *argv], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

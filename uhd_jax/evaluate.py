@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.data is None) == (args.tfds is None):
         p.error("give either --data FILE.jsonl or --tfds NAME")
+    if args.data is not None:
+        cli.check_file_run(p, args, "--data", args.data)
     name = os.path.splitext(os.path.basename(args.data))[0] if args.data else os.path.basename(
         os.path.normpath(args.tfds)) + "_" + args.split
     output = args.output or f"{name}.{args.metric}.predictions.jsonl"

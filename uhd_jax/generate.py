@@ -48,6 +48,8 @@ def check_args(p: argparse.ArgumentParser, args):
             p.error("--image goes with --prompt; images of --input records are named in the records")
     elif args.output is not None or args.resume:
         p.error("--output and --resume go with --input")
+    if args.input is not None:
+        cli.check_file_run(p, args, "--input", args.input)
     if args.capacity is not None and args.max_new_tokens is not None and args.capacity <= args.max_new_tokens:
         p.error(f"--capacity {args.capacity} leaves no room for a prompt with --max-new-tokens {args.max_new_tokens}")
 
@@ -65,11 +67,17 @@ def single_prompt_messages(prompt: str, images: list[str], image_token: str) -> 
     return [{"role": "user", "content": content}]
 
 
+# C0 control characters but tab and newline, and DEL: shown escaped on a terminal (a random or tiny model can emit
+# ESC sequences), written as they are elsewhere
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), 127]}
+
+
 class TextStream:
     """Prints the decoded text of a growing token list, holding back an incomplete UTF-8 character at the end."""
 
     def __init__(self, processor, out=None):
         self.processor, self.out = processor, sys.stdout if out is None else out
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
         self.ids: list[int] = []
         self.printed = ""
 
@@ -82,7 +90,8 @@ class TextStream:
 
     def _emit(self, text: str):
         if text.startswith(self.printed):
-            self.out.write(text[len(self.printed):])
+            new = text[len(self.printed):]
+            self.out.write(new.translate(_CONTROLS) if self.tty else new)
             self.out.flush()
             self.printed = text
 
@@ -120,7 +129,7 @@ def run_prompt(setup: cli.Setup, args, dec: cli.Decoding, out=None) -> str:
                             pad_token_id=proc.pad_token_id, repetition_penalty=dec.repetition_penalty)
         res = gen.generate(setup.params, batch, max_new_tokens=dec.max_new_tokens, capacity=capacity)
         text = proc.decode(res.tokens[0])
-        out.write(text + "\n")
+        out.write((text.translate(_CONTROLS) if out.isatty() else text) + "\n")
         out.flush()
         return text
     stream = TextStream(proc, out)

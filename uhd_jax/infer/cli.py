@@ -257,9 +257,10 @@ def jsonl_items(setup: Setup, path: str, *, image_root: str | None, thinking: bo
             rid = obj.get("id", i) if isinstance(obj, dict) else i
             if skip(rid):
                 continue
-            item = Item(id=rid, record=obj if isinstance(obj, dict) else None,
-                        seed=int(obj.get("seed", seed)) if isinstance(obj, dict) else seed)
+            item = Item(id=rid, record=obj if isinstance(obj, dict) else None, seed=seed)
             try:
+                if isinstance(obj, dict) and obj.get("seed") is not None:
+                    item.seed = int(obj["seed"])
                 req = jsonl_request(obj, name, src.image_root, setup.processor.tokens.image_token)
                 messages, item.reference = prompt_messages(req.messages)
                 item.sample = build_sample(setup, messages, req.images, name=req.name, thinking=thinking)
@@ -309,12 +310,15 @@ def read_done_ids(path: str) -> set[str]:
 
 # ------------------------------------------------------------------------------------------------ running
 class Progress:
-    """A one-line progress report on stderr: requests done / total, requests/s, generated tokens/s, errors."""
+    """A progress report on stderr: requests done / total, requests/s, generated tokens/s, errors. On a terminal
+    one line rewritten in place; otherwise (a log file) a line every `every` seconds and at the end."""
 
-    def __init__(self, total: int, stream=None):
+    def __init__(self, total: int, stream=None, every: float = 10.0):
         self.total, self.done, self.tokens, self.errors = total, 0, 0, 0
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
         self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every
 
     def update(self, tokens: int = 0, error: bool = False):
         self.done += 1
@@ -328,11 +332,17 @@ class Progress:
                 + (f", {self.errors} errors" if self.errors else ""))
 
     def show(self):
-        self.stream.write("\r" + self.line())
+        if self.tty:
+            self.stream.write("\r" + self.line())
+        elif time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            self.stream.write(self.line() + "\n")
+        else:
+            return
         self.stream.flush()
 
     def close(self):
-        self.stream.write("\r" + self.line() + "\n")
+        self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
         self.stream.flush()
 
 
@@ -451,5 +461,14 @@ class JsonlWriter:
         self.f.close()
 
 
-def usage_exit(parser: argparse.ArgumentParser, message: str):
-    parser.error(message)  # prints the usage and "error: ...", exits 2
+def check_file_run(p: argparse.ArgumentParser, args, flag: str, path: str):
+    """Usage errors of a file run, before anything loads: the input file, cache capacity vs prompt buckets."""
+    from uhd_jax.data.sources import JsonlSource
+
+    try:
+        JsonlSource(path)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(f"{flag}: {e}")
+    if args.capacity is not None and args.capacity < max(args.prompt_buckets):
+        p.error(f"--capacity {args.capacity} is smaller than the largest --prompt-buckets entry "
+                f"{max(args.prompt_buckets)}")
