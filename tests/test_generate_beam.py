@@ -1,6 +1,8 @@
 """Beam search over the full model (uhd_jax.infer.beam_generate) against transformers'
 `MiniCPMV4_6ForConditionalGeneration.generate(num_beams=3, do_sample=False, repetition_penalty=1.2)`, token for
-token, on a tiny random hybrid model with images (built, saved and loaded as in tests/test_engine.py)."""
+token, on a tiny random hybrid model with images (built, saved and loaded as in tests/test_engine.py); and the
+engine's sampling picker (infer/sampler.py) with greedy + repetition_penalty against generate(do_sample=False,
+repetition_penalty=1.2)."""
 
 import dataclasses
 
@@ -17,6 +19,8 @@ from uhd_jax.convert import load_hf
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.data.processor import Processor
 from uhd_jax.infer.beam_generate import BeamGenerator
+from uhd_jax.infer.engine import Generator
+from uhd_jax.infer.sampler import make_pick_fn, request_params, stack_params
 from uhd_jax.model.minicpmv import MiniCPMV
 
 IM = "<|image_pad|>"
@@ -88,3 +92,25 @@ def test_beam_generation_matches_transformers(tiny):
     # the extra stop id ended a hypothesis early
     assert any(len(h) < MAX_NEW and h[-1] == extra for hyps in got.hypotheses for h in hyps)
     assert len(samples[0].views) > 1
+
+
+def test_greedy_repetition_penalty_matches_transformers(tiny):
+    """The Generator with the sampler's picker, greedy with repetition_penalty 1.2 (prompt ids, image placeholders
+    included, and generated tokens penalised), against transformers run alone on each prompt."""
+    m = tiny
+    cases = [(user(f"{IM}\nDescribe this image in detail."), [random_image(40, 400, seed=2)]),
+             (user("What is written on the sign? The sign says hello world."), [])]
+    eos = tuple(m["proc"].eos_token_ids)
+    samples = [m["proc"](raw, ims)[0] for raw, ims in cases]
+    batch = Packer(m["proc"], PackerConfig(batch_size=2, seq_buckets=(128,), **PACK)).pack(samples)
+    gen = Generator(m["model"], stop_ids=eos, pick_fn=make_pick_fn(m["model"].config.text))
+    got = gen.generate(m["params"], batch, max_new_tokens=MAX_NEW,
+                       sampling_params=stack_params([request_params(do_sample=False, repetition_penalty=1.2)] * 2))
+    plain = Generator(m["model"], stop_ids=eos).generate(m["params"], batch, max_new_tokens=MAX_NEW)
+    for r, (raw, ims) in enumerate(cases):
+        enc = m["rp"](text=[raw], images=ims or None, return_tensors="pt")
+        with torch.no_grad():
+            out = m["ref"].generate(**enc, do_sample=False, repetition_penalty=1.2, max_new_tokens=MAX_NEW,
+                                    eos_token_id=list(eos), pad_token_id=PAD)
+        np.testing.assert_array_equal(got.tokens[r], _cut(out[0, enc["input_ids"].shape[1]:].numpy(), eos))
+    assert any(not np.array_equal(a, b) for a, b in zip(got.tokens, plain.tokens))  # the penalty changed something

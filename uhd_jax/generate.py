@@ -109,7 +109,7 @@ def run_prompt(setup: cli.Setup, args, dec: cli.Decoding, out=None) -> str:
 
     from uhd_jax.data.layout import patches_per_token
     from uhd_jax.data.packer import Packer, PackerConfig
-    from uhd_jax.infer.engine import Generator
+    from uhd_jax.infer.engine import Generator, greedy
     from uhd_jax.infer.sampler import make_pick_fn, stack_params
 
     proc = setup.processor
@@ -138,9 +138,11 @@ def run_prompt(setup: cli.Setup, args, dec: cli.Decoding, out=None) -> str:
         if bool(np.asarray(took)[0]):
             stream.add(int(np.asarray(tokens)[0]))
 
-    gen = Generator(setup.model, stop_ids=proc.eos_token_ids, pick_fn=make_pick_fn(setup.cfg.text), stream=on_tokens)
+    plain = dec.plain_greedy
+    gen = Generator(setup.model, stop_ids=proc.eos_token_ids, pick_fn=greedy if plain else make_pick_fn(setup.cfg.text),
+                    stream=on_tokens)
     res = gen.generate(setup.params, batch, max_new_tokens=dec.max_new_tokens, capacity=capacity,
-                       key=[dec.seed], sampling_params=stack_params([dec.sampling]))
+                       key=[dec.seed], sampling_params=None if plain else stack_params([dec.sampling]))
     jax.effects_barrier()
     stream.close()
     return proc.decode(res.tokens[0])

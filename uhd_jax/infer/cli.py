@@ -165,6 +165,12 @@ class Decoding:
     seed: int
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a repetition penalty: the engine's plain argmax picker does (no per-row settings)."""
+        s = self.sampling
+        return (not s["do_sample"] or s["temperature"] <= 0) and float(s["repetition_penalty"]) == 1.0
+
+    @property
     def repetition_penalty(self) -> float:
         return float(self.sampling["repetition_penalty"])
 
@@ -408,13 +414,13 @@ def run_items(setup: Setup, args, dec: Decoding, items: Iterable[Item], on_resul
             finish(item, result(item, out.tokens[0], out.finish_reasons[0]))
         return
 
-    from uhd_jax.infer.engine import Request, SlotEngine
+    from uhd_jax.infer.engine import Request, SlotEngine, greedy
     from uhd_jax.infer.sampler import make_pick_fn
 
     engine = SlotEngine(setup.model, setup.params, proc, slots=args.slots, capacity=capacity,
                         max_new_tokens=dec.max_new_tokens, prompt_buckets=buckets, views_per_row=views,
-                        tokens_per_view=tokens, pick_fn=make_pick_fn(setup.cfg.text),
-                        sampling_defaults=dec.sampling)
+                        tokens_per_view=tokens, pick_fn=greedy if dec.plain_greedy else make_pick_fn(setup.cfg.text),
+                        sampling_defaults=None if dec.plain_greedy else dec.sampling)
     pending: dict[Any, Item] = {}
     source = iter(items)
     exhausted = False
