@@ -4,7 +4,6 @@ token, on a tiny random hybrid model with images (built, saved and loaded as in 
 engine's sampling picker (infer/sampler.py) with greedy + repetition_penalty against generate(do_sample=False,
 repetition_penalty=1.2)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

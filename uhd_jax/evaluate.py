@@ -17,7 +17,7 @@ fields are read; a list in the answer field is the list of answers.
 Generation is greedy by default (generation_config.json's sampling settings are not used), or beam search with
 --num-beams, or sampling with --temperature > 0. The prediction is scored with surrounding whitespace stripped and,
 for thinking models, only after the last "</think>". Each record's row is appended to --output as it finishes:
-    {"id", "prediction", "answers", "score", "finish_reason", "num_tokens"}    or    {"id", "error", "answers", "score": 0}
+    {"id", "prediction", "answers", "score", "finish_reason", "num_tokens"}  or  {"id", "error", "answers", "score": 0}
 The summary (printed as a table and saved to OUTPUT's name with .summary.json) is computed from the rows of
 --output: count = rows, score = 100 x the mean over all rows (a failed record scores 0), failures = error rows.
 """
