@@ -100,3 +100,29 @@ def test_usage_errors(files, capsys, extra, needle):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", files["ckpt"], "--data", "q.jsonl"] + extra)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_readme_commands_parse_and_their_files_exist():
+    """The README's generate / evaluate commands name real flags and files (they were run as written on
+    runs/tiny/checkpoints/60 after the tiny training run; running them here would need that run)."""
+    import re
+    import shlex
+
+    from uhd_jax import generate
+    from uhd_jax.data.sources import JsonlSource
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    section = text.split("### Generate and evaluate", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    assert len(block) == 3
+    for line in block:
+        argv = shlex.split(line)
+        assert argv[:2] == ["python3", "-m"] and argv[3:5] == ["--checkpoint", "runs/tiny/checkpoints/60"]
+        mod = {"uhd_jax.generate": generate, "uhd_jax.evaluate": evaluate}[argv[2]]
+        args = mod.parser().parse_args(argv[3:])
+        for f in [*getattr(args, "image", []), getattr(args, "input", None), getattr(args, "data", None)]:
+            if f:
+                assert os.path.isfile(os.path.join(root, f)), f
+    src = JsonlSource(os.path.join(root, "configs", "examples", "questions.jsonl"))
+    assert len(src) == 3 and all(src[i].images == [] or os.path.isfile(src[i].images[0]) for i in range(3))
