@@ -106,7 +106,8 @@ def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--capacity", type=positive_int, default=None, metavar="N",
                    help="cache slots per request: prompt + new tokens (default: largest bucket + max new tokens)")
     p.add_argument("--views-per-row", type=positive_int, default=None, metavar="N",
-                   help="image views per request (default: 2 x (max slice nums + 1))")
+                   help="image views per request (default: max slice nums + 1, one image; every request's "
+                        "prefill pays for all of them in the vision encoder)")
     p.add_argument("--tokens-per-view", type=positive_int, default=None, metavar="N",
                    help="patch slots per view (default: 9/8 of scale_resolution^2 / patch^2, rounded up)")
     p.add_argument("--image-root", default=None, metavar="DIR",
@@ -357,7 +358,7 @@ def view_budget(setup: Setup, args) -> tuple[int, int]:
     from uhd_jax.data.layout import patches_per_token
 
     sc = setup.processor.slice_config
-    views = args.views_per_row or 2 * (sc.max_slice_nums + 1)
+    views = args.views_per_row or sc.max_slice_nums + 1
     unit = patches_per_token(sc.downsample_mode, sc.merger_times)
     if args.tokens_per_view:
         tokens = args.tokens_per_view
