@@ -200,7 +200,8 @@ class MetricWriter:
 def _checkpoint_manager(workdir: str, c) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_checkpoints, create=True,
                                         cleanup_tmp_directories=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=opts)
+    # absolute: orbax refuses a relative path (the default workdir runs/<config name> is one)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
 
 
 def _save(mngr, step: int, state, data, *, force: bool = False):

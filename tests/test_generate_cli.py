@@ -1,0 +1,143 @@
+"""`python -m uhd_jax.generate` on a tiny random checkpoint: the streamed answer is the generated one (and the
+file mode's for the same request and seed), a file run writes one row per record with error rows for a corrupt
+image, bad JSON and a prompt that does not fit, --resume skips finished ids after an interrupted run, bad flags
+are usage errors naming the flag."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli_utils import FLAGS, make_checkpoint, read_jsonl, write_images, write_jsonl
+from uhd_jax import generate
+from uhd_jax.infer import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("generate_cli")
+    return dict(dir=str(d), ckpt=make_checkpoint(str(d / "ckpt"), seed=1, do_sample=True, temperature=0.9, top_k=40),
+                images=write_images(str(d / "img")))
+
+
+def test_streamed_answer_equals_generated_and_file_mode(files):
+    """One prompt with two images, sampled with the checkpoint's generation_config.json (do_sample, temperature,
+    top_k) and --seed: what is streamed to stdout is the decoded result, and the same request in a file run (the
+    SlotEngine, another slot count) gets the same answer."""
+    im = files["images"]
+    argv = ["--checkpoint", files["ckpt"], "--image", im["a"], "--image", im["b"], "--prompt", "Same or not?",
+            "--seed", "5", "--max-new-tokens", "12"]
+    p = generate.parser()
+    args = p.parse_args(argv)
+    setup = cli.load_setup(args)
+    dec = cli.decoding(args, setup.generation_config, use_generation_config=True)
+    assert bool(dec.sampling["do_sample"]) and float(dec.sampling["temperature"]) == pytest.approx(0.9)
+    out = io.StringIO()
+    text = generate.run_prompt(setup, args, dec, out=out)
+    assert out.getvalue() == text + "\n" and len(text) > 0
+
+    src = write_jsonl(os.path.join(files["dir"], "one.jsonl"), [
+        {"id": "x", "image": {"<image_00>": im["a"], "<image_01>": im["b"]},
+         "conversations": [{"role": "user", "content": "<image_00>\n<image_01>\nSame or not?"}]}])
+    dst = os.path.join(files["dir"], "one_out.jsonl")
+    assert generate.main(["--checkpoint", files["ckpt"], "--input", src, "--output", dst, "--seed", "5",
+                          "--max-new-tokens", "12", "--slots", "3", "--prompt-buckets", "96,192",
+                          "--views-per-row", "6", "--tokens-per-view", "80"]) == 0
+    (row,) = read_jsonl(dst)
+    assert row["id"] == "x" and row["prediction"] == text and row["num_tokens"] == 12
+
+
+def _records(im):
+    return [
+        {"id": "a", "image": im["a"], "conversations": [{"role": "user", "content": "<image>\nWhat is it?"},
+                                                         {"role": "assistant", "content": "a cat"}]},
+        {"id": "bad-image", "image": im["bad"], "conversations": [{"role": "user", "content": "<image>\nAnd?"}]},
+        '{"id": "broken", ',
+        {"id": "long", "conversations": [{"from": "human", "value": "word " * 60}]},
+        {"id": 5, "conversations": [{"role": "user", "content": "Hello there"}]},
+        {"id": "b", "image": im["b"], "conversations": [{"role": "user", "content": "Describe <image> please"}]},
+        {"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]},
+    ]
+
+
+def test_file_run_error_rows_and_resume(files, capsys):
+    src = write_jsonl(os.path.join(files["dir"], "req.jsonl"), _records(files["images"]))
+    dst = os.path.join(files["dir"], "answers.jsonl")
+    base = ["--checkpoint", files["ckpt"], "--input", src, "--output", dst, "--temperature", "0", "--slots", "2",
+            *FLAGS]
+    assert generate.main(base) == 0
+    err = capsys.readouterr().err
+    assert "greedy" in err and "7/7 requests" in err and "requests/s" in err and "tokens/s" in err
+    rows = {json.dumps(r["id"]): r for r in read_jsonl(dst)}
+    assert sorted(rows) == sorted(json.dumps(i) for i in ["a", "bad-image", 2, "long", 5, "b", 6])
+    assert "ImageLoadError" in rows['"bad-image"']["error"] and "bad.jpg" in rows['"bad-image"']["error"]
+    assert "not valid JSON" in rows["2"]["error"]
+    assert "does not fit" in rows['"long"']["error"] and "largest sequence bucket 96" in rows['"long"']["error"]
+    good = ['"a"', "5", '"b"', "6"]
+    for k in good:
+        assert set(rows[k]) >= {"prediction", "finish_reason", "num_tokens"}, rows[k]
+    assert rows['"a"']["reference"] == "a cat"
+
+    # an interrupted run: two rows written, the third cut mid-line
+    lines = open(dst).read().splitlines()
+    with open(dst, "w") as f:
+        f.write("\n".join(lines[:2]) + "\n" + lines[2][:15])
+    kept = {json.dumps(json.loads(x)["id"]) for x in lines[:2]}
+    assert generate.main(base + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "dropped 1 unreadable line" in err and f"{7 - len(kept)}/{7 - len(kept)} requests" in err
+    again = read_jsonl(dst)
+    assert len(again) == 7 and [json.dumps(r["id"]) for r in again[:2]] == [json.dumps(json.loads(x)["id"])
+                                                                            for x in lines[:2]]
+    for r in again:  # greedy: the resumed rows are the first run's
+        assert r == rows[json.dumps(r["id"])]
+    # nothing left to do
+    assert generate.main(base + ["--resume"]) == 0
+    assert "0/0 requests" in capsys.readouterr().err and len(read_jsonl(dst)) == 7
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
+    (["--top-p", "1.5"], "argument --top-p: must be in [0, 1]"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a finite number > 0"),
+    (["--slots", "0"], "argument --slots: must be >= 1"),
+    (["--num-beams", "x"], "argument --num-beams: invalid positive_int value"),
+    (["--prompt-buckets", "512,128"], "argument --prompt-buckets: must be increasing"),
+    (["--thinking", "maybe"], "argument --thinking: must be on or off"),
+    (["--downsample-mode", "8x"], "argument --downsample-mode: invalid choice"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["--input", "x.jsonl"], "give either --prompt"),
+    (["--output", "y.jsonl"], "--output and --resume go with --input"),
+])
+def test_bad_flags_are_usage_errors(files, capsys, extra, needle):
+    argv = ["--checkpoint", files["ckpt"], "--prompt", "hi"] + extra
+    with pytest.raises(SystemExit) as e:
+        generate.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "usage: python -m uhd_jax.generate" in err and "Traceback" not in err
+
+
+def test_usage_errors_from_the_command_line(files, tmp_path):
+    """As a subprocess: a missing checkpoint names --checkpoint; --input without --output; no traceback."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
+    for argv, needle in [(["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], "--checkpoint"),
+                         (["--checkpoint", files["ckpt"], "--input", "x.jsonl"], "--input needs --output"),
+                         (["--checkpoint", files["ckpt"], "--input", str(empty), "--output", "o.jsonl"],
+                          "--input: " + str(empty) + ": no records"),
+                         (["--checkpoint", files["ckpt"], "--input", str(tmp_path / "missing.jsonl"), "--output",
+                           "o.jsonl"], "--input: " + str(tmp_path / "missing.jsonl") + ": no such JSONL file"),
+                         (["--checkpoint", files["ckpt"], "--input", str(one), "--output", "o.jsonl", "--capacity",
+                           "100", "--prompt-buckets", "64,128"], "--capacity 100 is smaller than the largest "
+                                                                 "--prompt-buckets entry 128")]:
+        r = subprocess.run([sys.executable, "-m", "uhd_jax.generate", *argv], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
