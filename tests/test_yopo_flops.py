@@ -1,6 +1,7 @@
 """FLOPs of the visual tokens in the LLM and of the four cuts (uhd_jax/yopo/flops.py): the paper's numbers from its
 formula, hand-worked tiny cases, and consistency with the project's text_flops."""
 
+import numpy as np
 import pytest
 
 from uhd_jax.config import MergerConfig, TextConfig, reference_config, tiny_config
@@ -115,6 +116,8 @@ def test_head_indices_count_kv_groups():
     proj = lambda heads: llm_visual_flops(cfg, [(1, 1)], Cuts(heads=(heads,)))["attn_proj"]
     assert proj(None) == 4 * 128 + 2 * 128
     assert (proj((0, 1)), proj((0, 2)), proj(2), proj(0)) == (384, 512, 512, 0)
+    # a calibrated mask may come as numpy integers
+    assert (proj(np.int64(2)), proj(np.array([0, 1]))) == (512, 384)
 
 
 def test_hybrid_by_hand():
@@ -190,8 +193,8 @@ def test_visual_only_sequence_is_text_flops_of_its_tokens(name):
 def test_each_cut_changes_exactly_its_component(name):
     cfg, seg = CONFIGS[name], LAYOUTS["one_image"]
     full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
-    cuts = paper_cuts(cfg) if name == "minicpmv46" else Cuts(window=3, heads=half_heads(cfg, keep_first=1), drop_layer=2,
-                                                             ffn_ratio=2).validate(cfg)
+    cuts = paper_cuts(cfg) if name == "minicpmv46" else \
+        Cuts(window=3, heads=half_heads(cfg, keep_first=1), drop_layer=2, ffn_ratio=2).validate(cfg)
     base = llm_visual_flops(cfg, seg)
     for cut in CUT_ORDER:
         got = llm_visual_flops(cfg, seg, cuts.only([cut]))

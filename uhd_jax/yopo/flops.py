@@ -48,6 +48,7 @@ charged core(one chunk) / chunk_size (floored to an integer), and the text part 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from fractions import Fraction
 from typing import Sequence, Union
 
@@ -126,7 +127,8 @@ class Cuts:
     ffn_ratio: int | float | None = None
 
     def validate(self, cfg: TextConfig) -> "Cuts":
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1 or self.window % 2 == 0):
+        w = self.window
+        if w is not None and (not isinstance(w, numbers.Integral) or w < 1 or w % 2 == 0):
             raise ValueError(f"window must be an odd positive int (a square centred on the query), got {self.window!r}")
         if self.heads is not None:
             if len(self.heads) != cfg.num_hidden_layers:
@@ -137,7 +139,7 @@ class Cuts:
                 if t != "full_attention":
                     raise ValueError(f"heads[{i}]: layer {i} is a {t} layer; the head cut acts on full-attention "
                                      f"layers only, give None")
-                if isinstance(h, int):
+                if isinstance(h, numbers.Integral):
                     if not 0 <= h <= cfg.num_attention_heads:
                         raise ValueError(f"heads[{i}] = {h} is not in [0, {cfg.num_attention_heads}]")
                 elif len(set(h)) != len(h) or not all(0 <= j < cfg.num_attention_heads for j in h):
@@ -276,10 +278,10 @@ def _active(cfg: TextConfig, spec: HeadSpec) -> tuple[int, int]:
     big_h, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     if spec is None:
         return big_h, kvh
-    if isinstance(spec, int):
-        return spec, min(spec, kvh)
+    if isinstance(spec, numbers.Integral):
+        return int(spec), min(int(spec), kvh)
     group = big_h // kvh
-    return len(spec), len({j // group for j in spec})
+    return len(spec), len({int(j) // group for j in spec})
 
 
 def llm_visual_flops(cfg: TextConfig, layout: Sequence[Segment], cuts: Cuts = Cuts(), window_area: str = "exact",
