@@ -46,6 +46,8 @@ def arm_config(args, arm: str, scale_resolution: int = 0):
     c.model.name = "small"
     c.model.dtype = "bfloat16" if args.bf16 else "float32"
     c.data.ocr_max_words, c.data.ocr_max_word_len = args.words, args.word_len
+    c.data.ocr_font_min, c.data.ocr_font_max = args.font_min, args.font_max
+    c.data.ocr_photo_fraction = args.photo_fraction
     c.data.num_workers = args.workers
     c.train.steps, c.train.batch_size = args.steps, args.batch
     c.train.log_every = max(1, args.steps // 100)
@@ -62,10 +64,17 @@ def arm_config(args, arm: str, scale_resolution: int = 0):
     return c
 
 
+def ocr_source(c, n: int) -> SyntheticOCRSource:
+    """n held-out records with the config's task settings."""
+    d = c.data
+    return SyntheticOCRSource(n, seed=EVAL_SEED, max_words=d.ocr_max_words, max_word_len=d.ocr_max_word_len,
+                              font_sizes=(d.ocr_font_min, d.ocr_font_max), photo_fraction=d.ocr_photo_fraction)
+
+
 def visual_tokens(c, model_dir, n: int) -> tuple[float, int]:
     """(mean visual tokens per image, largest view in patches) over n held-out records under config c."""
     proc = make_processor(c, model_dir, model_config(c))
-    src = SyntheticOCRSource(n, seed=EVAL_SEED, max_words=c.data.ocr_max_words, max_word_len=c.data.ocr_max_word_len)
+    src = ocr_source(c, n)
     toks, largest = [], 0
     for i in range(n):
         plan = proc.plan(src.render(i)[0].size[::-1])
@@ -90,7 +99,7 @@ def evaluate(c, workdir: str, n: int) -> dict:
     step = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     cfg, params = load_checkpoint(os.path.join(workdir, "checkpoints", str(step)))
     proc = make_processor(c, os.path.join(workdir, TRAIN_MODEL_DIR), cfg)
-    src = SyntheticOCRSource(n, seed=EVAL_SEED, max_words=c.data.ocr_max_words, max_word_len=c.data.ocr_max_word_len)
+    src = ocr_source(c, n)
     packer = PackerConfig(batch_size=c.train.batch_size, seq_buckets=(c.data.seq_len,),
                           tokens_per_view=c.data.tokens_per_view, views_per_row=c.data.views_per_row,
                           overflow=c.data.overflow)
@@ -151,6 +160,9 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--words", type=int, default=2, help="words per image (1..n)")
     p.add_argument("--word-len", type=int, default=6, help="characters per word (1..n)")
+    p.add_argument("--font-min", type=int, default=10, help="font size range in px")
+    p.add_argument("--font-max", type=int, default=24)
+    p.add_argument("--photo-fraction", type=float, default=0.3, help="share of images drawn on a photograph")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes")
     p.add_argument("--eval", type=int, default=512, help="held-out records scored")
     p.add_argument("--budget-records", type=int, default=200, help="records used to match the token budgets")

@@ -1,5 +1,6 @@
 """Record sources (JSONL, TFDS, synthetic OCR) and the tiny model directory."""
 
+import functools
 import hashlib
 import json
 import os
@@ -141,7 +142,10 @@ def _png(a):
     return b.getvalue()
 
 
-def _build_tfds(data_dir):
+@functools.lru_cache(maxsize=None)
+def _tiny_vqa_builder():
+    """The builder class, defined once per process: tfds registers builders by name and refuses a second class
+    of the same name (test_evaluate_cli builds this dataset too)."""
     import tensorflow_datasets as tfds
 
     class UhdTinyVqa(tfds.core.GeneratorBasedBuilder):
@@ -161,7 +165,13 @@ def _build_tfds(data_dir):
                 # encoded PNG bytes: tfds encodes arrays with TensorFlow, which is not installed
                 yield i, {"image": _png(a), "question": f"question {i}?", "answer": f"answer {i}"}
 
-    b = UhdTinyVqa(data_dir=str(data_dir), file_format="array_record")
+    return UhdTinyVqa
+
+
+def _build_tfds(data_dir):
+    import tensorflow_datasets as tfds
+
+    b = _tiny_vqa_builder()(data_dir=str(data_dir), file_format="array_record")
     b.download_and_prepare(download_config=tfds.download.DownloadConfig())
     return b
 

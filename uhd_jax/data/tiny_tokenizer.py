@@ -75,8 +75,8 @@ def tiny_tokenizer_json() -> str:
     return json.dumps(d)
 
 
-def _byte_of() -> dict[str, int]:
-    """GPT-2's byte -> printable-character table, inverted (the order ByteLevel.alphabet() does not keep)."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable-character table (what the ByteLevel pre-tokenizer maps each byte to)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -86,7 +86,12 @@ def _byte_of() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _byte_of() -> dict[str, int]:
+    """The inverse table, character -> byte (the order ByteLevel.alphabet() does not keep)."""
+    return {c: b for b, c in byte_alphabet().items()}
 
 
 _BYTE_OF = _byte_of()

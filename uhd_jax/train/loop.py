@@ -129,7 +129,9 @@ def _source(c, *, held_out: bool, seed: int):
     d = c.data
     if d.source == "synthetic_ocr":
         return sources.SyntheticOCRSource(d.synthetic_records, seed=seed, max_words=d.ocr_max_words,
-                                          max_word_len=d.ocr_max_word_len)
+                                          max_word_len=d.ocr_max_word_len,
+                                          font_sizes=(d.ocr_font_min, d.ocr_font_max),
+                                          photo_fraction=d.ocr_photo_fraction)
     if d.source == "jsonl":
         return sources.JsonlSource(d.eval_path if held_out else d.path)
     return sources.TfdsSource(d.tfds_name, d.tfds_eval_split if held_out else d.tfds_split,
