@@ -176,6 +176,15 @@ def _build_tfds(data_dir):
     return b
 
 
+def test_answer_lists():
+    """A list answer field (VQA's annotators) gives every entry; a single value gives one; bytes are UTF-8."""
+    from uhd_jax.data.sources import _texts
+
+    assert _texts([b"two", "2", np.bytes_(b"deux")], "r", "answer") == ["two", "2", "deux"]
+    assert _texts(np.array([b"a", b"b"]), "r", "answer") == ["a", "b"]
+    assert _texts(b"one", "r", "answer") == ["one"]
+
+
 def test_tfds_source(tmp_path, proc):
     b = _build_tfds(tmp_path / "tfds")
     by_dir = TfdsSource(b.data_dir, "train")
@@ -190,6 +199,7 @@ def test_tfds_source(tmp_path, proc):
         seen.add(k)
         assert q == f"{IM}\nquestion {k}?" and r.messages[1] == {"role": "assistant", "content": f"answer {k}"}
         assert isinstance(r.images[0], bytes)  # undecoded: image_io decodes it
+        assert by_dir.answers(i) == [f"answer {k}"]
         s = proc.build(r)
         assert s.plans[0].image_size == (30 + 7 * k, 50)
     assert seen == set(range(5))

@@ -105,7 +105,7 @@ def with_answers(items):
 
 
 def tfds_items(setup: cli.Setup, args, skip):
-    from uhd_jax.data.sources import TfdsSource, _text
+    from uhd_jax.data.sources import TfdsSource
 
     src = TfdsSource(args.tfds, args.split, args.tfds_data_dir, image_key=args.image_key,
                      question_key=args.question_key, answer_key=args.answer_key,
@@ -120,9 +120,8 @@ def tfds_items(setup: cli.Setup, args, skip):
             item = cli.Item(id=i, seed=args.seed)
             try:
                 req = src[i]
-                raw = src._source()[i].get(args.answer_key)
-                many = isinstance(raw, (list, tuple)) or getattr(raw, "ndim", 0) == 1
-                answers = [_text([a], req.name, args.answer_key) for a in raw] if many else None
+                answers = src.answers(i)
+                answers = answers if len(answers) > 1 else None  # one answer: the assistant turn holds it
                 messages, item.reference = cli.prompt_messages(req.messages)
                 item.record = {"answers": answers} if answers else None
                 item.sample = cli.build_sample(setup, messages, req.images, name=req.name, thinking=args.thinking)

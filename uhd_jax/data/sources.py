@@ -286,6 +286,18 @@ class TfdsSource:
         return SampleRequest(messages=[{"role": "user", "content": f"{self.image_token}\n{q}"},
                                        {"role": "assistant", "content": a}], images=[image], name=name)
 
+    def answers(self, i: int) -> list[str]:
+        """All reference answers of record i (the answer field may hold a list, e.g. VQA's 10 annotators; the
+        SampleRequest's assistant turn is the first)."""
+        return _texts(self._source()[int(i)].get(self.answer_key), f"tfds:{self.name}/{self.split}[{i}]",
+                      self.answer_key)
+
+
+def _texts(v, name: str, key: str) -> list[str]:
+    """Every answer of a field: a list field gives all its entries, a single value one."""
+    many = isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) == 1
+    return [_text([a], name, key) for a in v] if many else [_text(v, name, key)]
+
 
 def _text(v, name: str, key: str) -> str:
     if isinstance(v, (list, tuple, np.ndarray)) and not isinstance(v, (bytes, str)):
