@@ -141,3 +141,23 @@ def test_usage_errors_from_the_command_line(files, tmp_path):
         r = subprocess.run([sys.executable, "-m", "uhd_jax.generate", *argv], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_our_bugs_stop_the_run_and_a_bad_seed_is_an_error_row(files, monkeypatch):
+    """Only request errors (bad data, unreadable files, a refused conversation) become error rows: an exception
+    of another kind in our own code propagates instead of being written as a failed record."""
+    src = write_jsonl(os.path.join(files["dir"], "seed.jsonl"), [
+        {"id": "s", "seed": "7", "conversations": [{"role": "user", "content": "Hi"}]},
+        {"id": "t", "conversations": [{"role": "user", "content": "Hi"}]}])
+    dst = os.path.join(files["dir"], "seed_out.jsonl")
+    base = ["--checkpoint", files["ckpt"], "--input", src, "--output", dst, "--temperature", "0", *FLAGS]
+    assert generate.main(base) == 0
+    rows = {r["id"]: r for r in read_jsonl(dst)}
+    assert "'seed' must be an integer" in rows["s"]["error"] and "prediction" in rows["t"]
+
+    def broken(*a, **k):
+        raise TypeError("a bug in our code")
+
+    monkeypatch.setattr(cli, "build_sample", broken)
+    with pytest.raises(TypeError, match="a bug in our code"):
+        generate.main(base)

@@ -125,7 +125,7 @@ def tfds_items(setup: cli.Setup, args, skip):
                 messages, item.reference = cli.prompt_messages(req.messages)
                 item.record = {"answers": answers} if answers else None
                 item.sample = cli.build_sample(setup, messages, req.images, name=req.name, thinking=args.thinking)
-            except Exception as e:  # noqa: BLE001 - one record's failure is its error row
+            except cli.REQUEST_ERRORS as e:  # this record's error row
                 item.error = cli.error_text(e)
             yield item
 
@@ -142,11 +142,7 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.data))[0] if args.data else os.path.basename(
         os.path.normpath(args.tfds)) + "_" + args.split
     output = args.output or f"{name}.{args.metric}.predictions.jsonl"
-    try:
-        setup = cli.load_setup(args)
-        dec = cli.decoding(args, setup.generation_config, use_generation_config=False)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
+    setup, dec = cli.setup_or_usage_error(p, args, use_generation_config=False)
     print(f"{setup.model_dir}: {dec.describe()}; {args.metric} on {args.data or args.tfds}", file=sys.stderr)
     done = cli.read_done_ids(output) if args.resume else set()
     skip = lambda rid: json.dumps(rid) in done  # noqa: E731
@@ -158,19 +154,13 @@ def main(argv=None) -> int:
             total, items = tfds_items(setup, args, skip)
     except (FileNotFoundError, ValueError, ImportError) as e:
         p.error(str(e))
-    writer = cli.JsonlWriter(output, append=args.resume)
-    progress = cli.Progress(max(total - len(done), 0))
 
     def on_result(item, row):
         row["answers"] = item.answers
         row["score"] = 0.0 if "error" in row else score(args.metric, row["prediction"], item.answers, item.record)
-        writer.write(row)
 
-    try:
-        cli.run_items(setup, args, dec, with_answers(items), on_result, progress)
-    finally:
-        progress.close()
-        writer.close()
+    cli.run_to_jsonl(setup, args, dec, with_answers(items), output, append=args.resume,
+                     total=max(total - len(done), 0), on_result=on_result)
     summary = summarize(args.metric, cli.read_jsonl(output))
     summary.update(data=args.data or f"tfds:{args.tfds}/{args.split}", checkpoint=args.checkpoint,
                    decoding=dec.describe(), predictions=output)

@@ -153,21 +153,15 @@ def run_file(setup: cli.Setup, args, dec: cli.Decoding, progress_stream=None) ->
     done = cli.read_done_ids(args.output) if args.resume else set()
     total, items = cli.jsonl_items(setup, args.input, image_root=args.image_root, thinking=args.thinking,
                                    seed=args.seed, skip=lambda rid: json.dumps(rid) in done)
-    writer = cli.JsonlWriter(args.output, append=args.resume)
-    progress = cli.Progress(total - len(done), progress_stream)
     counts = {"done": 0, "errors": 0, "skipped": len(done)}
 
     def on_result(item, row):
         if item.reference is not None and "error" not in row:
             row["reference"] = item.reference
-        writer.write(row)
         counts["errors" if "error" in row else "done"] += 1
 
-    try:
-        cli.run_items(setup, args, dec, items, on_result, progress)
-    finally:
-        progress.close()
-        writer.close()
+    cli.run_to_jsonl(setup, args, dec, items, args.output, append=args.resume, total=total - len(done),
+                     on_result=on_result, progress_stream=progress_stream)
     return counts
 
 
@@ -175,11 +169,7 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     check_args(p, args)
-    try:
-        setup = cli.load_setup(args)
-        dec = cli.decoding(args, setup.generation_config, use_generation_config=True)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
+    setup, dec = cli.setup_or_usage_error(p, args, use_generation_config=True)
     print(f"{setup.model_dir}: {dec.describe()}", file=sys.stderr)
     if args.prompt is not None:
         try:

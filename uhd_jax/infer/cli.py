@@ -10,8 +10,9 @@ if it is the assistant's, is not part of the prompt: it is the reference answer 
 A record without an "id" gets its 0-based line index among the file's non-empty lines.
 
 A record that cannot run (bad JSON, an image that does not load, a prompt longer than the largest bucket or than
---capacity allows with --max-new-tokens, more views than --views-per-row) gives an output row {"id", "error"} and
-the run goes on.
+--capacity allows with --max-new-tokens, more views than --views-per-row, a conversation the chat template
+rejects) gives an output row {"id", "error"} and the run goes on. Only those failures (`REQUEST_ERRORS`) become
+error rows: any other exception is a bug in our code and stops the run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+import jinja2
+
 DTYPES = ("float32", "bfloat16")
+# What one request may fail with while the run goes on: bad data (ValueError and its kinds: DataError,
+# ImageLoadError, SampleDoesNotFit, CacheCapacityError), an unreadable file (OSError), a conversation the chat
+# template refuses (its raise_exception). Anything else (TypeError, KeyError, ...) is our bug: it propagates.
+REQUEST_ERRORS = (ValueError, OSError, jinja2.exceptions.TemplateError)
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -155,6 +162,15 @@ def load_setup(args) -> Setup:
                  chat=ChatTemplate.from_pretrained(model_dir), generation_config=gen, model_dir=model_dir)
 
 
+def setup_or_usage_error(p: argparse.ArgumentParser, args, *, use_generation_config: bool):
+    """(Setup, Decoding) of the flags; a checkpoint that does not load or a bad decoding flag is a usage error."""
+    try:
+        setup = load_setup(args)
+        return setup, decoding(args, setup.generation_config, use_generation_config=use_generation_config)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+
+
 @dataclasses.dataclass
 class Decoding:
     """How to pick tokens: beams (num_beams > 1) or the sampler's per-request params (greedy when do_sample is
@@ -267,13 +283,15 @@ def jsonl_items(setup: Setup, path: str, *, image_root: str | None, thinking: bo
             item = Item(id=rid, record=obj if isinstance(obj, dict) else None, seed=seed)
             try:
                 if isinstance(obj, dict) and obj.get("seed") is not None:
-                    item.seed = int(obj["seed"])
+                    if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
+                        raise DataError(name, f"'seed' must be an integer, got {obj['seed']!r}")
+                    item.seed = obj["seed"]
                 req = jsonl_request(obj, name, src.image_root, setup.processor.tokens.image_token)
                 messages, item.reference = prompt_messages(req.messages)
                 item.sample = build_sample(setup, messages, req.images, name=req.name, thinking=thinking)
             except DataError as e:
                 item.error = str(e)
-            except Exception as e:  # noqa: BLE001 - any failure of one record is that record's error row
+            except REQUEST_ERRORS as e:  # this record's error row
                 item.error = f"{name}: {error_text(e)}"
             yield item
 
@@ -409,7 +427,7 @@ def run_items(setup: Setup, args, dec: Decoding, items: Iterable[Item], on_resul
                                              f"tokens > capacity {capacity}")
                 out = gen.generate(setup.params, packer.pack([sample]), max_new_tokens=dec.max_new_tokens,
                                    capacity=bucket + dec.max_new_tokens)
-            except Exception as e:  # noqa: BLE001
+            except REQUEST_ERRORS as e:
                 finish(item, {"id": item.id, "error": error_text(e)})
                 continue
             finish(item, result(item, out.tokens[0], out.finish_reasons[0]))
@@ -438,7 +456,7 @@ def run_items(setup: Setup, args, dec: Decoding, items: Iterable[Item], on_resul
                 continue
             try:
                 engine.submit(Request(item.sample, max_new_tokens=dec.max_new_tokens, seed=item.seed, id=key))
-            except Exception as e:  # noqa: BLE001 - does not fit the buckets / views / cache
+            except REQUEST_ERRORS as e:  # does not fit the buckets / views / cache
                 finish(item, {"id": item.id, "error": error_text(e)})
                 continue
             pending[key] = item
@@ -450,6 +468,24 @@ def run_items(setup: Setup, args, dec: Decoding, items: Iterable[Item], on_resul
         for f in engine.step():
             item = pending.pop(f.id)
             finish(item, result(item, f.tokens, f.finish_reason))
+
+
+def run_to_jsonl(setup: Setup, args, dec: Decoding, items: Iterable[Item], path: str, *, append: bool, total: int,
+                 on_result: Callable[[Item, dict], None], progress_stream=None):
+    """run_items over `items`, each row appended to `path` (after the rows already there when `append`) as soon as
+    it finishes, once on_result(item, row) has added its fields; a progress line over `total` requests."""
+    writer = JsonlWriter(path, append=append)
+    progress = Progress(total, progress_stream)
+
+    def write(item, row):
+        on_result(item, row)
+        writer.write(row)
+
+    try:
+        run_items(setup, args, dec, items, write, progress)
+    finally:
+        progress.close()
+        writer.close()
 
 
 class JsonlWriter:
