@@ -71,24 +71,28 @@ def ocr_source(c, n: int) -> SyntheticOCRSource:
                               font_sizes=(d.ocr_font_min, d.ocr_font_max), photo_fraction=d.ocr_photo_fraction)
 
 
-def visual_tokens(c, model_dir, n: int) -> tuple[float, int]:
-    """(mean visual tokens per image, largest view in patches) over n held-out records under config c."""
-    proc = make_processor(c, model_dir, model_config(c))
+def image_sizes(c, n: int) -> list[tuple[int, int]]:
+    """(height, width) of n held-out records' images (rendered once; the budgets only need their sizes)."""
     src = ocr_source(c, n)
+    return [src.render(i)[0].size[::-1] for i in range(n)]
+
+
+def visual_tokens(c, model_dir, sizes) -> tuple[float, int]:
+    """(mean visual tokens per image, largest view in patches) of images of these sizes under config c."""
+    proc = make_processor(c, model_dir, model_config(c))
     toks, largest = [], 0
-    for i in range(n):
-        plan = proc.plan(src.render(i)[0].size[::-1])
+    for size in sizes:
+        plan = proc.plan(size)
         toks.append(sum(plan.view_tokens))
         largest = max(largest, max(h * w for h, w in plan.target_sizes))
     return float(np.mean(toks)), largest
 
 
-def match_global_budget(args, model_dir, slice_mean: float) -> tuple[int, float]:
+def match_global_budget(args, model_dir, sizes, slice_mean: float) -> tuple[int, float]:
     """The scale_resolution (multiple of 28 px) whose single-view token mean is closest to the slice arm's."""
     best = None
     for res in range(168, 841, 28):
-        c = arm_config(args, "global", res)
-        mean, _ = visual_tokens(c, model_dir, args.budget_records)
+        mean, _ = visual_tokens(arm_config(args, "global", res), model_dir, sizes)
         if best is None or abs(mean - slice_mean) < abs(best[1] - slice_mean):
             best = (res, mean)
     return best
@@ -173,6 +177,9 @@ def main():
     arms = args.arms.split(",")
     if any(a not in ("slice", "global") for a in arms):
         p.error(f"--arms: each arm must be 'slice' or 'global', got {args.arms!r}")
+    for arm in arms:  # a run left in OUT would be resumed by the trainer and its losses mixed into this table
+        if os.path.exists(os.path.join(args.out, arm, "checkpoints")):
+            p.error(f"--out {args.out}: {arm}/ already holds a run; use a new directory")
     os.makedirs(args.out, exist_ok=True)
     results = {"args": vars(args), "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
 
@@ -181,15 +188,13 @@ def main():
     budget_dir = os.path.join(args.out, "budget_model")
     c_slice = arm_config(args, "slice")
     write_tiny_model_dir(budget_dir, model_config(c_slice))
-    slice_mean, slice_largest = visual_tokens(c_slice, budget_dir, args.budget_records)
-    res, global_mean = match_global_budget(args, budget_dir, slice_mean)
+    sizes = image_sizes(c_slice, args.budget_records)
+    slice_mean, slice_largest = visual_tokens(c_slice, budget_dir, sizes)
+    res, global_mean = match_global_budget(args, budget_dir, sizes, slice_mean)
     print(f"visual tokens per image: slice {slice_mean:.1f} (largest view {slice_largest} patches); "
           f"global at scale_resolution {res}: {global_mean:.1f}")
     results["budget"] = {"slice_mean_tokens": slice_mean, "global_mean_tokens": global_mean,
                          "global_scale_resolution": res}
-    for arm in arms:  # a run left in OUT would be resumed by the trainer and its losses mixed into this table
-        if os.path.exists(os.path.join(args.out, arm, "checkpoints")):
-            p.error(f"--out {args.out}: {arm}/ already holds a run; use a new directory")
     for arm in arms:
         c = arm_config(args, arm, res)
         t = time.perf_counter()
