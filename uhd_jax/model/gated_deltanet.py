@@ -329,7 +329,8 @@ class GatedDeltaNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, cache=None, segment_ids=None):
-        """mask: [B, S] bool, real tokens left-aligned. cache: `init_deltanet_cache` dict or None.
+        """mask: [B, S] bool, real tokens left-aligned (decode: [B, 1], False for a row that takes no token and
+        keeps its conv window and recurrent state exactly). cache: `init_deltanet_cache` dict or None.
         segment_ids: [B, S] int or None: packed samples (conv window and state reset where the id changes; not
         with a cache or decode). Returns (y [B, S, D], new cache or None)."""
         if segment_ids is not None and (cache is not None or self.decode):
@@ -362,6 +363,9 @@ class GatedDeltaNet(nn.Module):
             window = jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)  # [B, K, C]
             conv = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32), wf)[:, None]
             new_conv = window[:, 1:]
+            if mask is not None:  # a row that takes no token (mask False) keeps its conv window; its g and beta
+                # are set to 0 below, so its recurrent state comes out exactly unchanged (state * e^0 + k * 0)
+                new_conv = jnp.where(mask[:, :1, None], new_conv, cache["conv"].astype(new_conv.dtype))
         else:  # left context: the cached last K-1 inputs (continued prefill), or zeros
             padded = jnp.pad(qkv, ((0, 0), (ksize - 1, 0), (0, 0))) if cache is None \
                 else jnp.concatenate([cache["conv"].astype(qkv.dtype), qkv], axis=1)
