@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.cli_utils import make_checkpoint, write_images, write_jsonl
+from uhd_jax.compile_counter import count_compilations
 from uhd_jax.infer import cli
 from uhd_jax.yopo import calibrate
 from uhd_jax.yopo.__main__ import main as yopo_main
@@ -58,6 +59,53 @@ def test_chunked_mass_equals_dense_softmax(chunk):
     np.testing.assert_allclose(np.asarray(vis), want_vis, rtol=2e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(txt), want_txt, rtol=2e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(vis + txt), real.sum(1)[:, None] * np.ones(n), rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_model", ["qwen3_5_text", "qwen3"])
+def test_full_attention_qk_equals_numpy_projection(text_model):
+    """full_attention_qk (the model's modules on one layer's sliced parameters) against q/k written here in numpy:
+    input RMSNorm, q_proj (Qwen3.5: the query half of each head's [query, gate]), k_proj, q/k RMSNorm, rotate-half
+    rope on the first rotary_dim dims. The last full-attention layer (scan group > 0 in both models)."""
+    import jax.numpy as jnp
+
+    from uhd_jax.config import tiny_config
+    from uhd_jax.model.text_model import TextModel
+    from uhd_jax.yopo.attention_qk import full_attention_layers, full_attention_qk, layer_params
+
+    t = tiny_config(text_model=text_model).text
+    params = jax.jit(TextModel(t).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda a: np.asarray(getattr(a, "value", a), np.float64), params,
+                          is_leaf=lambda a: hasattr(a, "value"))
+    rs = np.random.RandomState(2)
+    params = jax.tree.map(lambda a: a + rs.normal(size=a.shape) * 0.3, params)  # norms' scales not trivial
+    layer = full_attention_layers(t)[-1]
+    period = 4 if text_model == "qwen3_5_text" else 1
+    p = jax.tree.map(lambda a: a[layer // period], params["layers"][f"layer_{layer % period}"])
+    b, s, d, n, kh, h = 2, 11, t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    x = rs.normal(size=(b, s, d))
+    pos = np.stack([np.arange(s), np.arange(s) + 5])
+
+    def rms(v, w):
+        y = v / np.sqrt(np.mean(v * v, -1, keepdims=True) + t.rms_norm_eps)
+        return y * (1 + w) if t.is_hybrid else y * w
+
+    def rope(v):
+        r = t.rotary_dim
+        ang = pos[..., None] / t.rope_theta ** (np.arange(0, r, 2) / r)  # [B, S, R/2]
+        cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+        x1, x2 = v[..., :r // 2], v[..., r // 2:r]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, v[..., r:]], -1)
+
+    hn = rms(x, p["input_layernorm"]["scale"])
+    a = p["self_attn"]
+    q = (hn @ a["q_proj"]["kernel"]).reshape(b, s, n, -1)[..., :h]
+    k = (hn @ a["k_proj"]["kernel"]).reshape(b, s, kh, h)
+    want_q, want_k = rope(rms(q, a["q_norm"]["scale"])), rope(rms(k, a["k_norm"]["scale"]))
+    f32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+    got_q, got_k = jax.jit(lambda pp, xx, ps: full_attention_qk(t, layer_params(pp, t, layer), xx, ps))(
+        f32, jnp.asarray(x, jnp.float32), jnp.asarray(pos, jnp.int32))
+    np.testing.assert_allclose(np.asarray(got_q), want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got_k), want_k, rtol=1e-4, atol=1e-4)
 
 
 def test_mask_threshold_majority_and_target():
@@ -144,6 +192,9 @@ def test_heads_attending_only_to_text_are_inactive(files):
     active = {3: {0, 3}, 7: {1, 2, 3}}
     setup = dataclasses.replace(setup, params=jax.tree.map(np.asarray, _designed(setup.params, setup.cfg, active)))
     m = calibrate.measure(setup, args)
+    with count_compilations() as c:  # same buckets again: nothing recompiles (static shapes)
+        again = calibrate.measure(setup, args)
+    assert c.count == 0 and np.array_equal(again.r, m.r)
     assert m.ids == ["a", "b"] and [i for i, _ in m.skipped] == ["bad", "text"]
     r = m.r  # [2 samples, 2 full layers, 4 heads]
     for j, layer in enumerate((3, 7)):
