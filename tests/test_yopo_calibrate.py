@@ -145,13 +145,17 @@ def files(tmp_path_factory):
                 unusable=write_jsonl(str(d / "unusable.jsonl"), bad))
 
 
-def _designed(params, cfg, active):
-    """Parameters under which every layer's input is the token embeddings (all o_proj / out_proj / down_proj
-    zero), text embeddings are 0 on dim 0 and 1 on dim 1, every visual token is e0 + e1 (the merger's last layer:
-    zero kernel, that bias). In each full-attention layer l, head n's query is s * x_1 e_j (s = +1 if n is in
-    active[l], else -1), q_norm scale 4 on dim j = 8 (past the 4 rotary dims): after the q norm q = 20 s e_j. Every
-    key is x_0 e_j: 0 for text tokens, 4 e_j for visual ones after the k norm. Scores: 0 on text keys, +-20 on
-    visual keys: heads with s = -1 give visual keys weight e^-20 of a text key's."""
+def _designed(params, cfg, positive):
+    """Parameters under which the residual stream is the token embeddings up to layer 3's MLP (all o_proj /
+    out_proj / down_proj zero but layer 3's MLP); text embeddings are 0 on dim 0 and 1 on dim 1, every visual token
+    is e0 + e1 (the merger's last layer: zero kernel, that bias). In each full-attention layer l, head n's query is
+    s * x_1 e_j (s = +1 if n is in positive[l], else -1; x normalised by the input RMSNorm), q_norm scale 4 on
+    dim j = 8 (past the 4 rotary dims): after the q norm q = 20 sign(s x_1) e_j. Every key is x_0 e_j: 0 for text
+    tokens, 4 e_j for visual ones after the k norm. Scores: 0 on text keys, 20 sign(s x_1) on visual keys: heads
+    with s x_1 < 0 give visual keys weight e^-20 of a text key's.
+    Layer 3's MLP adds -3/64 silu(x_1) x_1 to dim 1 (x normalised), which turns dim 1 negative for every token
+    (text -1.9, visual -0.5): layer 7 sees x_1 < 0, so its active heads are those NOT in positive[7]. Reading
+    the wrong layer's input (the embeddings, or layer 3's output for layer 3) flips a layer's mask."""
     p = jax.tree.map(np.array, params)
     t, n, kh, h, j = cfg.text, cfg.text.num_attention_heads, cfg.text.num_key_value_heads, cfg.text.head_dim, 8
     emb = p["text"]["embed_tokens"]
@@ -179,7 +183,13 @@ def _designed(params, cfg, active):
         for group in range(qk.shape[0]):
             layer_index = group * 4 + int(name.split("_")[1])
             for head in range(n):
-                qk[group, 1, head, j] = 1.0 if head in active[layer_index] else -1.0
+                qk[group, 1, head, j] = 1.0 if head in positive[layer_index] else -1.0
+    mlp = p["text"]["layers"]["layer_3"]["mlp"]  # layer 3 = scan group 0, position 3 of the period
+    for name in ("gate_proj", "up_proj"):
+        mlp[name]["kernel"][:] = 0.0
+        mlp[name]["kernel"][0, 1, 0] = 1.0
+    mlp["down_proj"]["kernel"][0, 0, 1] = -3.0 / 64
+    p["text"]["layers"]["layer_3"]["post_attention_layernorm"]["scale"][0] = 0.0
     return p
 
 
@@ -189,8 +199,9 @@ def test_heads_attending_only_to_text_are_inactive(files):
     setup = cli.load_setup(args)
     assert setup.cfg.text.layer_types == ("linear_attention",) * 3 + ("full_attention",) + \
         ("linear_attention",) * 3 + ("full_attention",)
-    active = {3: {0, 3}, 7: {1, 2, 3}}
-    setup = dataclasses.replace(setup, params=jax.tree.map(np.asarray, _designed(setup.params, setup.cfg, active)))
+    setup = dataclasses.replace(setup, params=jax.tree.map(np.asarray, _designed(
+        setup.params, setup.cfg, positive={3: {0, 3}, 7: {1, 2}})))
+    active = {3: {0, 3}, 7: {0, 3}}  # layer 7's input has x_1 < 0: its query signs are flipped
     m = calibrate.measure(setup, args)
     with count_compilations() as c:  # same buckets again: nothing recompiles (static shapes)
         again = calibrate.measure(setup, args)
@@ -206,10 +217,10 @@ def test_heads_attending_only_to_text_are_inactive(files):
     res = calibrate.build_result(r, setup.cfg.text.layer_types, [3, 7], alpha=0.01, target_heads=None,
                                  majority=0.4, first_layer=2)
     want = np.ones((8, 4), bool)
-    want[3], want[7] = [True, False, False, True], [False, True, True, True]
+    want[3], want[7] = [True, False, False, True], [True, False, False, True]
     np.testing.assert_array_equal(res.mask, want)
-    # --target-heads 2.5: 5 of the 8 heads is what the two layers have active; any alpha between keeps exactly them
-    res = calibrate.build_result(r, setup.cfg.text.layer_types, [3, 7], alpha=None, target_heads=2.5,
+    # --target-heads 2: 4 of the 8 heads is what the two layers have active; any alpha between keeps exactly them
+    res = calibrate.build_result(r, setup.cfg.text.layer_types, [3, 7], alpha=None, target_heads=2,
                                  majority=0.4, first_layer=2)
     np.testing.assert_array_equal(res.mask, want)
 
