@@ -284,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--majority", type=majority_float, default=0.4, metavar="F",
                    help="keep a head active on more than this fraction of the samples (default 0.4)")
     p.add_argument("--first-layer", type=non_negative_int, default=2, metavar="L",
-                   help="layers before L keep all heads (default 2)")
+                   help="layers before L (a layer index, DeltaNet layers counted) keep all heads (default 2)")
     p.add_argument("--out", required=True, metavar="MASK.npz", help="where the mask goes")
     p.add_argument("--plot", default=None, metavar="HEATMAP.png", help="also write a heatmap of log r")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot")
