@@ -30,6 +30,11 @@ class ModelBatch:
                     views take consecutive view slots of the row (visual_index stays row-local), and the model
                     keeps the samples apart (attention, DeltaNet conv and state reset where the id changes;
                     no next-token target crosses a change). Batch-sharded like input_ids.
+    text_slots:     static int or None: the compact length that the visual cuts (3) and (4) gather each row's text
+                    tokens (real and not visual) into; every row's text-token count must be <= text_slots (the
+                    packer checks it on the host). Set by the Packer (`PackerConfig.text_slot_multiple`): the
+                    largest count of any row rounded up to that multiple (at most S). Not a pytree leaf: a new
+                    value is a new program. None: the cuts refuse the batch.
     """
 
     input_ids: np.ndarray
@@ -40,3 +45,26 @@ class ModelBatch:
     loss_mask: np.ndarray
     vision: VisionBatch | None = None
     segment_ids: np.ndarray | None = None
+    text_slots: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-slot bookkeeping (host-side; the visual cuts (3) and (4) gather text tokens into text_slots)
+
+def text_count(attention_mask, visual_mask) -> np.ndarray:
+    """Host-side: [B] text tokens per row (real and not visual)."""
+    return (np.asarray(attention_mask, bool) & ~np.asarray(visual_mask, bool)).sum(-1)
+
+
+def check_text_slots(attention_mask, visual_mask, text_slots: int) -> None:
+    """Host-side: every row's text tokens fit `text_slots`; ValueError naming the rows otherwise (inside jit the
+    compaction would have nowhere to put them)."""
+    n = text_count(attention_mask, visual_mask)
+    bad = np.flatnonzero(n > text_slots)
+    if len(bad):
+        raise ValueError(f"rows {bad.tolist()} hold {n[bad].tolist()} text tokens > text_slots={text_slots}")
+
+
+def round_text_slots(count: int, multiple: int, seq_len: int) -> int:
+    """`count` rounded up to a multiple of `multiple`, at most seq_len (and at least 1)."""
+    return max(1, min(-(-int(count) // multiple) * multiple, seq_len))

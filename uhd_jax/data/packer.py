@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from uhd_jax.data.batch import ModelBatch
+from uhd_jax.data.batch import ModelBatch, check_text_slots, round_text_slots, text_count
 from uhd_jax.data.layout import VisionBatch, merge_levels, patches_per_token, write_view
 from uhd_jax.data.processor import Processor, Sample, check_placeholders
 
@@ -78,6 +78,10 @@ class PackerConfig:
     merger_times: int | None = None  # the processor's (None); a different value is an error
     patches_dtype: str = "float32"  # or "bfloat16": half the host memory and transfer, not bit-exact pixels
     pack: bool = False  # several samples per row (segment_ids); False: one sample per row
+    # ModelBatch.text_slots for the visual cuts (3) and (4): the most text tokens of any row rounded up to this
+    # multiple (at most S). None (default): text_slots stays None, so batches (and the number of compiled
+    # programs, one per sequence bucket) are unchanged for models without cuts. 128 is the usual choice.
+    text_slot_multiple: int | None = None
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW_POLICIES:
@@ -90,6 +94,9 @@ class PackerConfig:
             raise ValueError(f"views_per_row must be >= 0, got {self.views_per_row}")
         if not isinstance(self.pack, bool):
             raise ValueError(f"pack must be True or False, got {self.pack!r}")
+        if self.text_slot_multiple is not None and not (isinstance(self.text_slot_multiple, int)
+                                                        and self.text_slot_multiple >= 1):
+            raise ValueError(f"text_slot_multiple must be a positive int or None, got {self.text_slot_multiple!r}")
 
 
 class RowFiller:
@@ -250,8 +257,13 @@ class Packer:
             vision = VisionBatch(patches=arr["vision.patches"], pos_ids=arr["vision.pos_ids"],
                                  num_tokens=arr["vision.num_tokens"], grid=arr["vision.grid"], mode=self.mode,
                                  merger_times=self.merger_times)
+        text_slots = None
+        if c.text_slot_multiple is not None:  # every row's text tokens fit: the model's compaction never overflows
+            most = int(text_count(arr["attention_mask"], arr["visual_mask"]).max())
+            text_slots = round_text_slots(most, c.text_slot_multiple, S)
+            check_text_slots(arr["attention_mask"], arr["visual_mask"], text_slots)
         return ModelBatch(**{f: arr[f] for f in _BATCH_FIELDS}, vision=vision,
-                          segment_ids=arr["segment_ids"] if c.pack else None)
+                          segment_ids=arr["segment_ids"] if c.pack else None, text_slots=text_slots)
 
     def _put_view(self, arr, row: int, slot: int, view: np.ndarray, name: str):
         """Writes one view into view slot `slot` of row `row`, in place (no second copy of the batch)."""

@@ -26,6 +26,7 @@ from uhd_jax.data.batch import ModelBatch
 from uhd_jax.model.gated_deltanet import ChunkOptions
 from uhd_jax.model.text_model import TextModel
 from uhd_jax.model.vision import VisionEncoder
+from uhd_jax.model.visual_cuts import Cuts
 
 Dtype = Any
 
@@ -100,11 +101,12 @@ class MiniCPMV(nn.Module):
     chunk: ChunkOptions = ChunkOptions()
     vision_remat_policy: str | None = None  # the vision encoder's; None: remat_policy
     unroll: int | bool = 1  # layers (vision) / blocks (text) per layer-scan iteration; True: straight-line code
+    cuts: Cuts = Cuts()  # visual-token cuts in the LLM (uhd_jax.model.visual_cuts; needs batch.text_slots)
 
     def text_model(self, **kw) -> TextModel:
         """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for text-only scoring."""
         return TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
-                         attention_impl=self.attention_impl, chunk=self.chunk, **kw)
+                         attention_impl=self.attention_impl, chunk=self.chunk, **{"cuts": self.cuts, **kw})
 
     def prefill(self, batch: ModelBatch, cache):
         """Appends the batch's prompts (images encoded once per view, visual tokens placed) to each row's cache:
@@ -150,12 +152,14 @@ class MiniCPMV(nn.Module):
                                                      name="vision")(batch.vision)
             placed = gather_visual_tokens(tokens, jnp.asarray(batch.visual_index))
         text = TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
-                         attention_impl=self.attention_impl, chunk=self.chunk, scan_unroll=self.unroll, name="text")
+                         attention_impl=self.attention_impl, chunk=self.chunk, scan_unroll=self.unroll,
+                         cuts=self.cuts, name="text")
         logits, text_out = text(jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
                                 positions=None if cache is not None else jnp.asarray(batch.positions), cache=cache,
                                 last_logits_only=last_logits_only, compute_logits=compute_logits,
                                 segment_ids=None if batch.segment_ids is None else jnp.asarray(batch.segment_ids),
                                 placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask,
-                                decode=_decode, cache_empty=_cache_empty, active=_active, logits_dtype=_logits_dtype)
+                                decode=_decode, cache_empty=_cache_empty, active=_active, logits_dtype=_logits_dtype,
+                                text_slots=batch.text_slots)
         out.update(text_out)
         return logits, out

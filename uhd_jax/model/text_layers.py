@@ -62,15 +62,38 @@ def apply_rope(x, cos, sin):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)).
+
+    visual_width (visual FFN slicing, cut 4; None: off): visual tokens use only the first `visual_width` neurons
+    (gate/up columns, down rows), text tokens all of them. Called with `text` = (text_index [B, T], text_valid
+    [B, T], slot [B, S], is_text [B, S]) (`uhd_jax.model.visual_cuts.text_plan`). The work really shrinks: the first
+    neurons run on every token, the remaining ones only on the text tokens gathered into [B, T, D], whose
+    contribution is gathered back to [B, S, D] and added on the text rows (the sum over neurons is split in two,
+    so a text row differs from the unsliced FFN only by float rounding)."""
 
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    visual_width: int | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, text=None):
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        return Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(nn.silu(gate) * up)
+        gate_proj = Dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)
+        up_proj = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)
+        down_proj = Dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)
+        if self.visual_width is None or self.is_initializing():
+            return down_proj(nn.silu(gate_proj(x)) * up_proj(x))
+        if text is None:
+            raise ValueError("MLP.visual_width (visual FFN slicing) needs the text-token plan `text`")
+        k = self.visual_width
+        p = nn.meta.unbox(self.variables["params"])
+        wg, wu, wd = (p[n]["kernel"].astype(self.dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+        ffn = lambda h, a, b: jnp.dot(nn.silu(jnp.dot(h, wg[:, a:b])) * jnp.dot(h, wu[:, a:b]), wd[a:b])
+        x = x.astype(self.dtype)
+        y = ffn(x, 0, k)  # every token: the first k neurons
+        text_index, text_valid, slot, is_text = text
+        xt = jnp.take_along_axis(x, text_index[..., None], axis=1)  # [B, T, D] text tokens (padding slots after)
+        yt = ffn(xt, k, self.intermediate_size)  # the remaining neurons, text tokens only
+        back = jnp.take_along_axis(yt, slot[..., None], axis=1)  # [B, S, D]: each text row's own slot
+        return y + jnp.where(is_text[..., None], back, 0).astype(y.dtype)

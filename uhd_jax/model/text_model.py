@@ -42,6 +42,7 @@ from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_delta
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
 from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
+from uhd_jax.model.visual_cuts import Cuts, LayerCuts, gather_rows, scatter_back, segments, text_plan
 from uhd_jax.parallel.axes import TOKEN_ACTIVATIONS, constrain, with_axes
 
 Dtype = Any
@@ -151,6 +152,7 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "auto"
     chunk: ChunkOptions = ChunkOptions()
     decode: bool = False
+    cut: LayerCuts | None = None  # the visual cuts on this layer (None: off); ctx then holds the text plan
 
     @nn.compact
     def __call__(self, x, ctx, cache=None):
@@ -166,14 +168,23 @@ class DecoderLayer(nn.Module):
             h, cache = FullAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.decode,
                                      name="self_attn")(h, ctx, cache)
         x = x + h
-        x = x + MLP(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(
-            norm("post_attention_layernorm")(x))
+        sliced = self.cut is not None and not self.cut.dropped and self.cut.ffn_width < cfg.intermediate_size
+        x = x + MLP(cfg.intermediate_size, self.dtype, self.param_dtype,
+                    visual_width=self.cut.ffn_width if sliced else None, name="mlp")(
+            norm("post_attention_layernorm")(x), *((ctx["text"],) if sliced else ()))
         x = constrain(x, TOKEN_ACTIVATIONS)
         return x, cache
 
 
 class DecoderBlock(nn.Module):
-    """One period of `layer_types`; scanned. Returns (x, (new cache, hidden states [period, B, S, D]))."""
+    """One period of `layer_types`; scanned. Returns (x, (new cache, hidden states [period, B, S, D])).
+
+    With the visual cuts (`cuts`, one LayerCuts per layer of the period; only without a cache): ctx["text"] holds
+    the text plan (`visual_cuts.text_plan`), ctx["compact"] the context of the text-only sequence [B, T] used by
+    dropped layers, whose input x is then [B, T, D]. enter_drop: the layer of this period where the visual tokens
+    leave: its input is compacted to the text tokens here. Hidden states stay [B, S, D]: on dropped layers the
+    visual rows hold the state they left with (layer drop_layer - 1's output: the local one when leaving inside
+    this block, else ctx["base"])."""
 
     config: TextConfig
     layer_types: tuple[str, ...]
@@ -182,17 +193,25 @@ class DecoderBlock(nn.Module):
     attention_impl: str = "auto"
     chunk: ChunkOptions = ChunkOptions()
     decode: bool = False
+    cuts: tuple[LayerCuts, ...] | None = None
+    enter_drop: int | None = None
 
     @nn.compact
     def __call__(self, x, cache, ctx):
         hidden, new_cache = [], {}
+        base = ctx.get("base")
         for i, t in enumerate(self.layer_types):
             name = f"layer_{i}"
+            cut = None if self.cuts is None else self.cuts[i]
+            if i == self.enter_drop:  # visual tokens leave: keep the text tokens only, in order
+                base = x
+                x = constrain(gather_rows(x, ctx["text"][0]), TOKEN_ACTIVATIONS)
+            dropped = cut is not None and cut.dropped
             x, c = DecoderLayer(self.config, t, self.dtype, self.param_dtype, self.attention_impl, self.chunk,
-                                self.decode, name=name)(
-                x, ctx, None if cache is None else cache[name])
+                                self.decode, cut, name=name)(
+                x, ctx["compact"] if dropped else ctx, None if cache is None else cache[name])
             new_cache[name] = c
-            hidden.append(x)
+            hidden.append(scatter_back(x, base, ctx["text"][2], ctx["text"][3]) if dropped else x)
         return x, (None if cache is None else new_cache, jnp.stack(hidden))
 
 
@@ -223,12 +242,13 @@ class TextModel(nn.Module):
     attention_impl: str = "auto"
     chunk: ChunkOptions = ChunkOptions()  # how the DeltaNet chunked form runs; same function whatever it is
     scan_unroll: int | bool = 1  # blocks per iteration of the layer scan; True: straight-line code (same function)
+    cuts: Cuts = Cuts()  # the visual-token cuts (uhd_jax.model.visual_cuts); all off: the program is unchanged
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
                  decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None,
                  compute_logits: bool = True, cache_empty: bool = False, active=None, logits_dtype=None,
-                 segment_ids=None):
+                 segment_ids=None, text_slots: int | None = None):
         """input_ids [B, S] int or inputs_embeds [B, S, D]; attention_mask [B, S] bool; positions [B, S] int32
         (default: 0.. on each row's real tokens in prefill, continuing from the cache length; the cache length in
         decode; 0.. per sample with segment_ids). placed_embeds [B, S, D] replace the token embeddings where
@@ -251,6 +271,9 @@ class TextModel(nn.Module):
                              "one sequence per row")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
+        cuts_on = self.cuts.any
+        if cuts_on:
+            self._check_cuts(cache, decode, segment_ids, text_slots)
         vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
         table = self.param("embed_tokens", with_axes(_zero_padded_vocab(nn.initializers.normal(0.02), vocab, 0),
                                                      ("vocab", "embed")), (padded, cfg.hidden_size), self.param_dtype)
@@ -265,6 +288,8 @@ class TextModel(nn.Module):
             attention_mask = attention_mask.astype(bool)
             shift = first_real_token(attention_mask)
             x, attention_mask = rotate_rows(x, shift), rotate_rows(attention_mask, shift)
+            if cuts_on and placed_mask is not None:
+                placed_mask = rotate_rows(placed_mask, shift)
             positions = None if positions is None else rotate_rows(positions, shift)
             segment_ids = None if segment_ids is None else rotate_rows(segment_ids, shift)
         x = constrain(x, TOKEN_ACTIVATIONS)
@@ -299,15 +324,20 @@ class TextModel(nn.Module):
             ctx["segments"] = segment_runs(segment_ids)
 
         period = layer_period(cfg.layer_types)
-        block = DecoderBlock
-        if self.remat_policy != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
-        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
-                        length=cfg.num_hidden_layers // period, unroll=self.scan_unroll,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-        h, (new_layers, hidden) = stack(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype,
-                                        self.attention_impl, self.chunk, decode,
-                                        name="layers")(x, layers, ctx)
+        overflow = None
+        if cuts_on and not self.is_initializing():
+            h, hidden, overflow = self._run_cut_stack(x, ctx, attention_mask, placed_mask, text_slots, period)
+            new_layers = None
+        else:
+            block = DecoderBlock
+            if self.remat_policy != "none":
+                block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast), length=cfg.num_hidden_layers // period, unroll=self.scan_unroll,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            h, (new_layers, hidden) = stack(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype,
+                                            self.attention_impl, self.chunk, decode,
+                                            name="layers")(x, layers, ctx)
         if decode and active is not None:  # inactive rows keep their DeltaNet states (their KV write was dropped)
             keep = lambda new, old: jnp.where(active.reshape((1, bsz) + (1,) * (new.ndim - 2)), new, old)
             new_layers = {name: jax.tree.map(keep, c, cache["layers"][name]) if "state" in c else c
@@ -318,6 +348,8 @@ class TextModel(nn.Module):
         hidden = hidden.reshape((cfg.num_hidden_layers,) + hidden.shape[2:])
         for i in range(cfg.num_hidden_layers):
             out[f"layer_{i:02d}"] = back(hidden[i])
+        if overflow is not None:  # more text tokens than text_slots: never a silently truncated answer
+            h = jnp.where(overflow[:, None, None], jnp.nan, h).astype(h.dtype)
         h = RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="norm")(h)
         if cache is not None:
@@ -339,6 +371,69 @@ class TextModel(nn.Module):
                            kernel_init=_zero_padded_vocab(default_kernel_init, vocab, 1), out_dtype=logits_dtype,
                            name="lm_head")(h)
         return mask_padded_vocab(logits.astype(out_dtype), vocab), out
+
+
+    def _check_cuts(self, cache, decode, segment_ids, text_slots):
+        cfg, cuts = self.config, self.cuts
+        cuts.validate_for_model(cfg)
+        names = [n for n, v in (("window", cuts.window), ("heads", cuts.heads)) if v is not None]
+        if names:
+            raise NotImplementedError(f"visual cut(s) {names} are not wired into the model yet "
+                                      "(uhd_jax.model.visual_attention); drop_layer and ffn_ratio are")
+        on = [n for n, v in (("drop_layer", cuts.drop_layer), ("ffn_ratio", cuts.ffn_ratio)) if v is not None]
+        if cache is not None or decode:
+            raise NotImplementedError(f"visual cuts with a KV cache are not implemented yet ({', '.join(on)} set); "
+                                      "prefill / decode need Cuts() for now")
+        if segment_ids is not None and cuts.drop_layer is not None:
+            raise NotImplementedError("visual layer drop (drop_layer) with packed rows (segment_ids) is not "
+                                      "implemented yet")
+        if text_slots is None:
+            raise ValueError(f"the visual cuts ({', '.join(on)}) need batch.text_slots (the compact length of each "
+                             "row's text tokens), set by the Packer: PackerConfig(text_slot_multiple=128)")
+
+    def _run_cut_stack(self, x, ctx, attention_mask, visual_mask, text_slots, period):
+        """The decoder stack with visual cuts: a Python loop over `visual_cuts.segments` (runs of layer periods with
+        identical settings), `jax.lax.scan` over the stacked parameters inside each. Written by hand rather than
+        with nn.scan because nn.scan scans one module over the whole `layers` axis with one static configuration,
+        while here consecutive slices of the same stacked tree (params["layers"], unchanged, so checkpoints load)
+        run different programs, and the carried sequence changes length where the visual tokens leave. Params
+        are created by the ordinary nn.scan path at init. Returns (h, hidden [layers, B, S, D], overflow [B])."""
+        cfg = self.config
+        bsz, s, _ = x.shape
+        mask = jnp.ones((bsz, s), bool) if attention_mask is None else attention_mask
+        vis = jnp.zeros((bsz, s), bool) if visual_mask is None else visual_mask.astype(bool)
+        text_index, text_valid, slot, is_text, count = text_plan(mask, vis, text_slots)
+        ctx = dict(ctx, text=(text_index, text_valid, slot, is_text))
+        if self.cuts.drop_layer is not None:
+            g = lambda a: gather_rows(a, text_index)
+            ctx["compact"] = {"cos": g(ctx["cos"]), "sin": g(ctx["sin"]), "mask": text_valid,
+                              "lengths": jnp.minimum(count, text_slots), "index": None, "write": None,
+                              "offset": None, "text": ctx["text"]}
+        params = nn.meta.unbox(self.variables["params"]["layers"])
+        types = cfg.layer_types[:period]
+        policy = REMAT_POLICIES[self.remat_policy]
+        hidden, base = [], None
+        for seg in segments(cfg, self.cuts, period):
+            block = DecoderBlock(cfg, types, self.dtype, self.param_dtype, self.attention_impl, self.chunk,
+                                 cuts=seg.layers, enter_drop=seg.enter_drop, parent=None)
+            body = lambda p, h, c, block=block: block.apply({"params": p}, h, None, c)
+            if policy is not None:  # as nn.remat on the block in the nn.scan path
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            if seg.enter_drop is not None:  # one period: the carried sequence shrinks here
+                x_in = x
+                x, (_, hid) = body(jax.tree.map(lambda a: a[seg.start], params), x, ctx)
+                base = x_in if seg.enter_drop == 0 else hid[seg.enter_drop - 1]
+                ctx = dict(ctx, base=base)
+                hidden.append(hid)
+            else:
+                step = lambda h, p, body=body, c=ctx: (lambda out: (out[0], out[1][1]))(body(p, h, c))
+                x, hid = jax.lax.scan(step, x, jax.tree.map(lambda a: a[seg.start:seg.stop], params),
+                                      unroll=self.scan_unroll)
+                hidden.append(hid.reshape((-1,) + hid.shape[2:]))
+        if base is not None:  # text rows' final states back in place; visual rows keep what they left with
+            x = scatter_back(x, base, slot, is_text)
+        hidden = jnp.concatenate(hidden)[:, None]  # [layers, 1, B, S, D] as the nn.scan path's [groups, period, ...]
+        return x, hidden, count > text_slots
 
 
 def first_real_token(attention_mask):

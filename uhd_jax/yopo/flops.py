@@ -57,6 +57,7 @@ from uhd_jax.data.slicer import merge_factor
 from uhd_jax.model.flops import vision_flops
 from uhd_jax.model.gated_deltanet import ChunkOptions
 from uhd_jax.model.text_flops import deltanet_core_flops, text_forward_flops
+from uhd_jax.model.visual_cuts import CUT_ORDER, Cuts, _frac  # noqa: F401  (Cuts lives with the model; re-exported)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's formula and its shapes (facts from the paper's Table 2 and its released code, ZhangAIPI/YOPO_MLLM_Pruning,
@@ -72,11 +73,6 @@ HEADMASK_7B_16 = (32, 32, 9, 5, 10, 4, 5, 15, 18, 13, 15, 20, 23, 24, 27, 23,
 # The paper's settings with that mask: L = 16 of 32 (13B: 20 of 40), r = 2, w = 5 -> 1.91 T, its "YOPO (25%)" row.
 # Its "12%" rows (0.92 T for 7B, 1.79 T for 13B) use masks that were not released with these numbers; not derivable.
 PAPER_WINDOW, PAPER_FFN_RATIO = 5, 2
-
-
-def _frac(x) -> Fraction:
-    """An int or float as the fraction it is written as (1.6 -> 8/5, not the binary double's value)."""
-    return Fraction(str(x)) if isinstance(x, float) else Fraction(x)
 
 
 def paper_visual_flops(n: int, hidden: int, intermediate: int, num_layers: int, num_heads: int,
@@ -104,65 +100,9 @@ def paper_visual_flops(n: int, hidden: int, intermediate: int, num_layers: int, 
 Segment = Union[int, tuple]  # int: text tokens; (rows, cols): one view's visual-token grid
 HeadSpec = Union[int, Sequence[int], None]  # active-head count, active-head indices, or None (all heads)
 
-CUT_ORDER = ("window", "heads", "drop", "ffn")  # the paper's numbering (1)-(4); savings are attributed in this order
 VISUAL_KEYS = ("attn_proj", "attn_scores_vt", "attn_scores_vv", "attn_scores_tv",
                "linear_proj", "deltanet_conv", "deltanet_core", "mlp")
 TEXT_KEYS = ("attn_proj", "attn_scores_tt", "linear_proj", "deltanet_conv", "deltanet_core", "mlp", "lm_head")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cuts:
-    """One setting of the four cuts; None switches a cut off.
-
-    window: odd side w of the visual attention window (paper: 5).
-    heads: one entry per LLM layer (None on DeltaNet layers): active-head count, tuple of active-head indices,
-        or None for all heads (paper: about half, layers 0 and 1 keep all).
-    drop_layer: L, the first layer without visual tokens (paper: half the depth).
-    ffn_ratio: r, visual tokens use intermediate_size / r FFN neurons (paper: 2); I / r must be an integer.
-    """
-
-    window: int | None = None
-    heads: tuple | None = None
-    drop_layer: int | None = None
-    ffn_ratio: int | float | None = None
-
-    def validate(self, cfg: TextConfig) -> "Cuts":
-        w = self.window
-        if w is not None and (not isinstance(w, numbers.Integral) or w < 1 or w % 2 == 0):
-            raise ValueError(f"window must be an odd positive int (a square centred on the query), got {self.window!r}")
-        if self.heads is not None:
-            if len(self.heads) != cfg.num_hidden_layers:
-                raise ValueError(f"heads has {len(self.heads)} entries for {cfg.num_hidden_layers} layers")
-            for i, (t, h) in enumerate(zip(cfg.layer_types, self.heads)):
-                if h is None:
-                    continue
-                if t != "full_attention":
-                    raise ValueError(f"heads[{i}]: layer {i} is a {t} layer; the head cut acts on full-attention "
-                                     f"layers only, give None")
-                if isinstance(h, numbers.Integral):
-                    if not 0 <= h <= cfg.num_attention_heads:
-                        raise ValueError(f"heads[{i}] = {h} is not in [0, {cfg.num_attention_heads}]")
-                elif len(set(h)) != len(h) or not all(0 <= j < cfg.num_attention_heads for j in h):
-                    raise ValueError(f"heads[{i}] = {h!r}: indices must be distinct and in [0, "
-                                     f"{cfg.num_attention_heads})")
-        if self.drop_layer is not None and not 0 <= self.drop_layer <= cfg.num_hidden_layers:
-            raise ValueError(f"drop_layer {self.drop_layer} is not in [0, {cfg.num_hidden_layers}]")
-        if self.ffn_ratio is not None:
-            kept = Fraction(cfg.intermediate_size) / _frac(self.ffn_ratio)
-            if self.ffn_ratio < 1 or kept.denominator != 1:
-                raise ValueError(f"ffn_ratio {self.ffn_ratio}: intermediate_size {cfg.intermediate_size} / r must be a "
-                                 f"whole number of neurons and r >= 1")
-        return self
-
-    def only(self, names: Sequence[str]) -> "Cuts":
-        """This setting with only the named cuts (from CUT_ORDER) kept on."""
-        unknown = set(names) - set(CUT_ORDER)
-        if unknown:
-            raise ValueError(f"unknown cuts {sorted(unknown)}; known: {CUT_ORDER}")
-        return Cuts(window=self.window if "window" in names else None,
-                    heads=self.heads if "heads" in names else None,
-                    drop_layer=self.drop_layer if "drop" in names else None,
-                    ffn_ratio=self.ffn_ratio if "ffn" in names else None)
 
 
 def half_heads(cfg: TextConfig, fraction: float = 0.5, keep_first: int = 2) -> tuple:
