@@ -24,7 +24,7 @@ import numpy as np
 from uhd_jax.data.batch import ModelBatch
 from uhd_jax.infer.beam import beam_search
 from uhd_jax.infer.cache import DecodeCache, init_cache
-from uhd_jax.infer.engine import CacheCapacityError
+from uhd_jax.infer.engine import CacheCapacityError, decode_variables
 from uhd_jax.infer.sampling import seen_from_ids
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
 from uhd_jax.model.text_model import check_padding
@@ -65,8 +65,10 @@ class BeamGenerator:
         cache = init_cache(model.config, b, capacity, self.cache_dtype)
         logits, cache = model.apply(variables, batch, cache, method=MiniCPMV.prefill)
 
+        step_vars = decode_variables(params)
+
         def step(c: DecodeCache, tok):
-            return model.apply(variables, tok, c, method=MiniCPMV.decode_step)
+            return model.apply(step_vars, tok, c, method=MiniCPMV.decode_step)
 
         seen = seen_from_ids(jnp.asarray(batch.input_ids, jnp.int32), jnp.asarray(batch.attention_mask, bool),
                              logits.shape[-1])

@@ -50,7 +50,7 @@ from uhd_jax.data.batch import ModelBatch
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
-from uhd_jax.model.text_model import check_padding
+from uhd_jax.model.text_model import check_padding, unstack_layers
 
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
 FINISH_REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
@@ -143,9 +143,16 @@ def _start(st: DecodeState, logits, pick_fn, stop_ids, stream) -> DecodeState:
     return _record(st, _pick(pick_fn, st, logits), ~st.done, stop_ids, stream)
 
 
+def decode_variables(params) -> dict:
+    """The variables a decode loop applies `MiniCPMV.decode_step` with: the LLM's layer weights split per block
+    (`text_model.unstack_layers`, one copy before the loop), so no step slices them out of the stack."""
+    return {"params": dict(params, text=unstack_layers(params["text"]))}
+
+
 def _decode_loop(model, variables, st: DecodeState, *, pick_fn, stop_ids, stream, max_steps, stop_on_finish):
     """Decode steps while a row runs, at most `max_steps`; with `stop_on_finish` (traced bool) also return as
     soon as a row finishes (so the host can give its slot to a waiting request)."""
+    variables = decode_variables(variables["params"])
     done0 = st.done
     b = st.done.shape[0]
 

@@ -302,6 +302,8 @@ class TextModel(nn.Module):
             new_lengths = index + 1 if active is None else index + active.astype(index.dtype)
             if positions is None:
                 positions = index[:, None]
+            if active is not None:  # an inactive row keeps its DeltaNet conv window and state (GatedDeltaNet's mask)
+                attention_mask = active[:, None] if attention_mask is None else attention_mask & active[:, None]
         else:
             lengths = None if attention_mask is None else attention_mask.sum(-1).astype(jnp.int32)
             chunk = jnp.full((bsz,), s, jnp.int32) if lengths is None else lengths
@@ -325,7 +327,9 @@ class TextModel(nn.Module):
 
         period = layer_period(cfg.layer_types)
         overflow = None
-        if cuts_on and not self.is_initializing():
+        if decode and UNSTACKED in self.variables.get("params", {}):
+            h, new_layers, hidden = self._run_unstacked_decode(x, layers, ctx, period)
+        elif cuts_on and not self.is_initializing():
             h, hidden, overflow = self._run_cut_stack(x, ctx, attention_mask, placed_mask, text_slots, period)
             new_layers = None
         else:
@@ -338,10 +342,6 @@ class TextModel(nn.Module):
             h, (new_layers, hidden) = stack(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype,
                                             self.attention_impl, self.chunk, decode,
                                             name="layers")(x, layers, ctx)
-        if decode and active is not None:  # inactive rows keep their DeltaNet states (their KV write was dropped)
-            keep = lambda new, old: jnp.where(active.reshape((1, bsz) + (1,) * (new.ndim - 2)), new, old)
-            new_layers = {name: jax.tree.map(keep, c, cache["layers"][name]) if "state" in c else c
-                          for name, c in new_layers.items()}
 
         back = (lambda a: a) if shift is None else (lambda a: rotate_rows(a, (s - shift) % s))
         out = {"embeds": back(x)}
@@ -372,6 +372,25 @@ class TextModel(nn.Module):
                            name="lm_head")(h)
         return mask_padded_vocab(logits.astype(out_dtype), vocab), out
 
+
+    def _run_unstacked_decode(self, x, layers, ctx, period):
+        """One decode step over parameters split per block (`unstack_layers`): a Python loop over the blocks, each
+        applying `DecoderBlock` to its own parameter arrays. Scanning the stacked parameters instead slices each
+        weight out of the stack inside the decode loop, which XLA materialises as a copy before every matrix
+        product (H100, full-size model: 181 copies, 2.3 ms of a 5.8 ms step at batch 32). The cache stays stacked
+        [blocks, ...]; each block's new entries are written in place (`.at[g].set`). Same function as the scan.
+        Returns (h, new cache layers, hidden [blocks, period, B, 1, D])."""
+        cfg = self.config
+        params = nn.meta.unbox(self.variables["params"][UNSTACKED])
+        block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
+                             self.chunk, True, parent=None)
+        hidden = []
+        for g, p in enumerate(params):
+            c = jax.tree.map(lambda a: a[g], layers)
+            x, (new, hid) = block.apply({"params": p}, x, c, ctx)
+            layers = jax.tree.map(lambda a, n: a.at[g].set(n.astype(a.dtype)), layers, new)
+            hidden.append(hid)
+        return x, layers, jnp.stack(hidden)
 
     def _check_cuts(self, cache, decode, segment_ids, text_slots):
         cfg, cuts = self.config, self.cuts
@@ -434,6 +453,20 @@ class TextModel(nn.Module):
             x = scatter_back(x, base, slot, is_text)
         hidden = jnp.concatenate(hidden)[:, None]  # [layers, 1, B, S, D] as the nn.scan path's [groups, period, ...]
         return x, hidden, count > text_slots
+
+
+UNSTACKED = "layers_unstacked"  # the text params' key for per-block parameters (`unstack_layers`)
+
+
+def unstack_layers(text_params) -> dict:
+    """The text model's parameters with the stacked `layers` [blocks, ...] split into a tuple of per-block trees
+    under `UNSTACKED`, for decoding (`TextModel` with decode=True reads them; other modes need the stacked form).
+    Done once before a decode loop, it copies the layer weights once instead of once per step."""
+    text_params = dict(text_params)
+    layers = text_params.pop("layers")
+    blocks = jax.tree.leaves(layers)[0].shape[0]
+    text_params[UNSTACKED] = tuple(jax.tree.map(lambda a, g=g: a[g], layers) for g in range(blocks))
+    return text_params
 
 
 def first_real_token(attention_mask):
