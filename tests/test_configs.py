@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 VARIANTS = {"tiny.py": ["", "text_model=qwen3,mode=4x", "data=synthetic_ocr"],
             "minicpmv46_sft.py": ["", "freeze=llm", "freeze=none,mode=4x"],
-            "llava_uhd_v4.py": ["stage=align", "stage=pretrain", "stage=sft,mode=4x"]}
+            "llava_uhd_v4.py": ["stage=align", "stage=pretrain", "stage=sft,mode=4x"],
+            "yopo_finetune.py": ["", "window=0,drop=0,ffn=1", "window=3,drop=0.25,ffn=4,mode=4x,freeze=llm"]}
 
 
 def _load(path):
@@ -96,3 +97,4 @@ def test_one_step_on_a_scaled_down_model(tmp_path, tiny_checkpoints, config, tex
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 1/1" in r.stdout and os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+

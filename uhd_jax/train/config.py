@@ -8,6 +8,8 @@ checks that need several fields at once.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 MODEL_NAMES = ("tiny", "small", "reference", "dir")
@@ -29,6 +31,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "dots"
     c.model.vision_remat = "none"
     c.model.unroll = False
+    # the visual-computation savings in the LLM (uhd_jax.model.visual_cuts; all off by default). They need the
+    # packer's text_slots (a grain data source, not "random").
+    c.model.cuts = ml_collections.ConfigDict()
+    c.model.cuts.window = 0  # (1) odd side of each visual query's window on its view's token grid; 0: off
+    c.model.cuts.head_mask = ""  # (2) .npz of `python -m uhd_jax.yopo calibrate` (active heads); "": off
+    c.model.cuts.drop_fraction = 0.0  # (3) visual tokens leave at layer round(fraction * layers); 0: off
+    c.model.cuts.ffn_ratio = 1  # (4) visual tokens use intermediate_size / r FFN neurons; 1: off
+    c.model.cuts.text_slot_multiple = 128  # the text_slots bucket (one compiled step per value in use)
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""  # a converted checkpoint directory (uhd_jax.convert hf-to-jax / from-separate)
@@ -132,6 +142,17 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     need(not c.data.pack or c.data.source != "random", "data.pack",
          "packs processed samples (data.source synthetic_ocr, jsonl or tfds); the random source builds one "
          "sample per row")
+    k = c.model.cuts
+    need(k.window == 0 or (k.window > 0 and k.window % 2 == 1), "model.cuts.window",
+         f"must be 0 (off) or an odd window side, got {k.window}")
+    need(0.0 <= k.drop_fraction <= 1.0, "model.cuts.drop_fraction", f"must be in [0, 1], got {k.drop_fraction}")
+    need(k.ffn_ratio >= 1, "model.cuts.ffn_ratio", f"must be >= 1 (1: off), got {k.ffn_ratio}")
+    need(k.text_slot_multiple >= 1, "model.cuts.text_slot_multiple", f"must be >= 1, got {k.text_slot_multiple}")
+    cuts_on = k.window or k.head_mask or k.drop_fraction or k.ffn_ratio > 1
+    need(not cuts_on or c.data.source != "random", "model.cuts",
+         "the visual cuts need the packer's text slots: data.source synthetic_ocr, jsonl or tfds, not random")
+    need(not k.head_mask or os.path.isfile(k.head_mask), "model.cuts.head_mask",
+         f"no such file {k.head_mask!r} (write it with python -m uhd_jax.yopo calibrate)")
     need(c.train.steps >= 1, "train.steps", f"must be >= 1, got {c.train.steps}")
     need(c.train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {c.train.batch_size}")
     for k in ("log_every", "checkpoint_every"):

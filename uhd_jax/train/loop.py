@@ -33,6 +33,7 @@ from uhd_jax.data.synthetic import RandomBatches
 from uhd_jax.model.flops import vision_flops
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
 from uhd_jax.model.text_flops import text_forward_flops
+from uhd_jax.model.visual_cuts import Cuts, load_head_mask
 from uhd_jax.parallel.mesh import batch_rows_divisor, global_batch, initialize_distributed, make_mesh
 from uhd_jax.train.config import check_config
 from uhd_jax.train.optimizer import make_optimizer, make_schedule
@@ -68,6 +69,19 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     else:
         cfg = ModelConfig.from_json(c.init.checkpoint)
     return cfg.replace(text=cfg.text.with_vocab_multiple(max(1, int(c.mesh.tensor))))
+
+
+def model_cuts(c: ml_collections.ConfigDict, cfg: ModelConfig) -> Cuts:
+    """The config's visual cuts (`model.cuts`) for this model, validated (errors name the key)."""
+    k, text = c.model.cuts, cfg.text
+    other = dict(window=k.window or None, ffn_ratio=k.ffn_ratio if k.ffn_ratio > 1 else None,
+                 drop_layer=round(k.drop_fraction * text.num_hidden_layers) if k.drop_fraction else None)
+    try:
+        if k.head_mask:  # the calibration's mask already keeps every head on the layers it spares
+            return Cuts.from_head_mask(load_head_mask(k.head_mask), text, first_layer=0, **other)
+        return Cuts(**other).validate_for_model(text)
+    except ValueError as e:
+        raise ValueError(f"config model.cuts: {e}") from e
 
 
 def peak_flops(c) -> float | None:
@@ -157,7 +171,8 @@ def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
     from uhd_jax.data.pipeline import make_batches
 
     packer = PackerConfig(batch_size=per_host, seq_buckets=(c.data.seq_len,), tokens_per_view=c.data.tokens_per_view,
-                          views_per_row=c.data.views_per_row, overflow=c.data.overflow, pack=bool(c.data.pack))
+                          views_per_row=c.data.views_per_row, overflow=c.data.overflow, pack=bool(c.data.pack),
+                          text_slot_multiple=c.model.cuts.text_slot_multiple if model_cuts(c, cfg).any else None)
     return make_batches(_source(c, held_out=held_out, seed=seed), processor, packer, batch_size_per_host=per_host, seed=seed,
                         num_workers=0 if held_out else c.data.num_workers, max_bad_fraction=c.data.max_bad_fraction)
 
@@ -252,9 +267,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config train.batch_size: {c.train.batch_size} rows do not split over the batch mesh "
                          f"axes (data x fsdp = {batch_rows_divisor(mesh)})")
     dtype = jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
+    cuts = model_cuts(c, cfg)
     model = MiniCPMV(cfg, dtype=dtype, param_dtype=jnp.float32, attention_impl=c.model.attention,
                      remat_policy=c.model.remat, vision_remat_policy=c.model.vision_remat,
-                     unroll=True if c.model.unroll else 1)
+                     unroll=True if c.model.unroll else 1, cuts=cuts)
     o = c.optimizer
     frozen = tuple(o.frozen)
     try:
@@ -303,6 +319,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                               schedule=schedule)
     writer = MetricWriter(workdir)
     flops, peak = step_flops(cfg, c), peak_flops(c)
+    if cuts.any:  # the work a step does then depends on each batch's layout: no MFU from the dense count
+        peak = None
+        _say(f"visual cuts: window {cuts.window}, head mask {c.model.cuts.head_mask or 'none'}, drop_layer "
+             f"{cuts.drop_layer}, ffn_ratio {cuts.ffn_ratio}; MFU is not reported (the dense FLOPs count does "
+             "not apply)")
     n_dev = jax.device_count()
     eval_batches, evaluate = None, make_evaluate(model, mesh)
     if c.train.eval_every and has_eval_data(c):

@@ -44,39 +44,16 @@ def visual_text_mass(q, k, real, visual, chunk: int):
 
     q [B, S, N, H], k [B, S, K, H] (N % K == 0, query head n uses KV head n // (N / K), as the model's attention);
     real [B, S] bool (right-padded: a row's real tokens first), visual [B, S] bool. Causal softmax in float32 over
-    the real keys at or before each query, scale 1/sqrt(H). Computed `chunk` queries at a time ([B, N, chunk, S]
-    probabilities at most). Returns (visual mass, text mass), each [B, N] float32, summed over real queries."""
-    import jax
+    the real keys at or before each query, scale 1/sqrt(H), `chunk` queries at a time
+    (`uhd_jax.model.visual_attention.attention_mass`). Returns (visual mass, text mass), each [B, N] float32,
+    summed over real queries."""
     import jax.numpy as jnp
 
-    b, s, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    chunk = min(chunk, s)
-    steps = -(-s // chunk)
-    pad = steps * chunk - s
-    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, steps * chunk, kh, g, h)
-    qreal = jnp.pad(real, ((0, 0), (0, pad)))
-    kf = k.astype(jnp.float32)
-    keys = jnp.arange(s)
-    vis_key = (visual & real).astype(jnp.float32)[:, None, None, None, :]  # [B, 1, 1, 1, S]
-    txt_key = (~visual & real).astype(jnp.float32)[:, None, None, None, :]
+    from uhd_jax.model.visual_attention import attention_mass
 
-    def one(carry, start):
-        qc = jax.lax.dynamic_slice_in_dim(qf, start, chunk, axis=1)  # [B, C, K, G, H]
-        logits = jnp.einsum("bckgh,bskh->bkgcs", qc, kf) * (h ** -0.5)
-        rows = start + jnp.arange(chunk)
-        see = (keys[None, :] <= rows[:, None])[None, None, None] & real[:, None, None, None, :]
-        p = jax.nn.softmax(jnp.where(see, logits, -jnp.inf), axis=-1)
-        p = jnp.where(see, p, 0.0)  # exact zeros off the causal window (and no NaN from fully masked rows)
-        w = jax.lax.dynamic_slice_in_dim(qreal, start, chunk, axis=1).astype(jnp.float32)[:, None, None, :]
-        vis = jnp.sum(jnp.sum(p * vis_key, -1) * w, -1)  # [B, K, G]
-        txt = jnp.sum(jnp.sum(p * txt_key, -1) * w, -1)
-        return (carry[0] + vis, carry[1] + txt), None
-
-    zero = jnp.zeros((b, kh, g), jnp.float32)
-    (vis, txt), _ = jax.lax.scan(one, (zero, zero), jnp.arange(steps) * chunk)
-    return vis.reshape(b, n), txt.reshape(b, n)
+    lengths = jnp.asarray(real, bool).sum(-1).astype(jnp.int32)
+    return attention_mass(q.astype(jnp.float32), k.astype(jnp.float32), visual_mask=visual, lengths=lengths,
+                          chunk=min(chunk, q.shape[1]))
 
 
 def masses(model, chunk: int, params, batch):
