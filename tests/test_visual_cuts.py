@@ -281,6 +281,8 @@ def test_window_heads_program_builds_no_square_scores():
             visual_layout=VisualLayout(vi, gr, d["levels"], d["t_out"]))
         shapes = _dot_shapes(jax.make_jaxpr(g)(*_args(params, ids, placed, d)).jaxpr)
         assert bool(square(shapes)) == want_square, (cuts, square(shapes))
+        if cuts.heads is not None:  # layer 1: the visual rows' q and k / v projections of one head / KV group
+            assert (2, vc, cfg.head_dim) in shapes
 
 
 def test_compiles_once_for_same_shapes_and_left_padding():
