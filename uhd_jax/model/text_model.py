@@ -156,7 +156,8 @@ class FullAttention(nn.Module):
         [B, Vc] of ctx["vindex"]; text rows go through the whole q/k/v/o projections, visual rows only through the
         q (and gate) columns of the layer's active heads, the k/v columns of the KV groups holding an active head and
         the o_proj rows of the active heads; attention on the compacted sets (`visual_attention_core`: no [S, S]
-        scores for visual queries); merged back to [B, S, D] (padding positions: o_proj's bias or 0)."""
+        scores for visual queries); merged back to [B, S, D] (padding positions 0; rows with too many text tokens
+        NaN)."""
         cfg = self.config
         bsz, s, d = x.shape
         n, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
