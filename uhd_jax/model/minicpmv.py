@@ -26,7 +26,7 @@ from uhd_jax.data.batch import ModelBatch
 from uhd_jax.model.gated_deltanet import ChunkOptions
 from uhd_jax.model.text_model import TextModel
 from uhd_jax.model.vision import VisionEncoder
-from uhd_jax.model.visual_cuts import Cuts
+from uhd_jax.model.visual_cuts import Cuts, VisualLayout
 
 Dtype = Any
 
@@ -160,6 +160,7 @@ class MiniCPMV(nn.Module):
                                 segment_ids=None if batch.segment_ids is None else jnp.asarray(batch.segment_ids),
                                 placed_embeds=placed, placed_mask=None if placed is None else batch.visual_mask,
                                 decode=_decode, cache_empty=_cache_empty, active=_active, logits_dtype=_logits_dtype,
-                                text_slots=batch.text_slots)
+                                text_slots=batch.text_slots,
+                                visual_layout=VisualLayout.from_batch(batch) if self.cuts.any else None)
         out.update(text_out)
         return logits, out

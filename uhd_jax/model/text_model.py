@@ -42,7 +42,10 @@ from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_delta
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
 from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
-from uhd_jax.model.visual_cuts import Cuts, LayerCuts, gather_rows, scatter_back, segments, text_plan
+from uhd_jax.model.visual_attention import (build_visual_index, kv_proj_columns, merge_tokens, normalize_heads,
+                                            o_proj_rows, q_proj_columns, split_tokens, visual_attention_core)
+from uhd_jax.model.visual_cuts import (Cuts, LayerCuts, VisualLayout, gather_rows, scatter_back, segments,
+                                       text_plan)
 from uhd_jax.parallel.axes import TOKEN_ACTIVATIONS, constrain, with_axes
 
 Dtype = Any
@@ -83,12 +86,14 @@ class FullAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     decode: bool = False
+    cut: LayerCuts | None = None  # visual cuts of this layer; (1) window / (2) heads act here (ctx["vindex"])
 
     @nn.compact
     def __call__(self, x, ctx, cache=None):
         """x [B, S, D]; ctx: cos/sin [B, S, R/2], lengths [B] or None (prefill), index [B] (decode: tokens
         already in the cache), segments [B, S] run index or None (packed rows: keys of the query's own sample
-        only). cache: {"k", "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
+        only); vindex (`visual_attention.VisualIndex`) when the visual window / head cuts are on. cache: {"k",
+        "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
         cfg = self.config
         bsz, s, d = x.shape
         n, kh, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -96,6 +101,10 @@ class FullAttention(nn.Module):
         kw = dict(use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype,
                                     param_dtype=self.param_dtype, name=name)
+        c = self.cut
+        if (c is not None and (c.window is not None or c.active_heads is not None) and not self.decode
+                and cache is None and ctx.get("vindex") is not None and not self.is_initializing()):
+            return self._visual_cut_attention(x, ctx, norm("q_norm"), norm("k_norm")), None
 
         q = Dense(n * h * (2 if gated else 1), ("embed", "heads"), name="q_proj", **kw)(x)
         if gated:  # per head: [query (h), gate (h)]
@@ -141,6 +150,72 @@ class FullAttention(nn.Module):
             o = o * nn.sigmoid(gate)
         return Dense(d, ("heads", "embed"), name="o_proj", **kw)(o), new_cache
 
+    def _visual_cut_attention(self, x, ctx, q_norm, k_norm):
+        """Cuts (1) window and (2) heads, skipping the work (prefill without a cache; semantics and layout in
+        `uhd_jax.model.visual_attention`): the tokens are split into the text slots [B, Tc] and the visual slots
+        [B, Vc] of ctx["vindex"]; text rows go through the whole q/k/v/o projections, visual rows only through the
+        q (and gate) columns of the layer's active heads, the k/v columns of the KV groups holding an active head and
+        the o_proj rows of the active heads; attention on the compacted sets (`visual_attention_core`: no [S, S]
+        scores for visual queries); merged back to [B, S, D] (padding positions 0; rows with too many text tokens
+        NaN)."""
+        cfg = self.config
+        bsz, s, d = x.shape
+        n, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        gated = cfg.attn_output_gate
+        ix = ctx["vindex"]
+        if (ix.nbr is None) != (self.cut.window is None):
+            raise ValueError(f"layer cut window {self.cut.window} but the visual index was built with window "
+                             f"{ix.window}")
+        act = normalize_heads(self.cut.active_heads, n)
+        all_heads = len(act) == n
+        p = nn.meta.unbox(self.variables["params"])
+        dt = self.dtype
+
+        def lin(hh, name, cols=None, rows=None):
+            w, b = p[name]["kernel"], p[name].get("bias")
+            if cols is not None:
+                w, b = _take(w, cols, 1), None if b is None else _take(b, cols, 0)
+            if rows is not None:
+                w = _take(w, rows, 0)
+            y = jnp.dot(hh.astype(dt), w.astype(dt))
+            return y if b is None else y + b.astype(dt)
+
+        xt, xv = split_tokens(x, ix)
+        (ct, cv), (st, sv) = split_tokens(ctx["cos"], ix), split_tokens(ctx["sin"], ix)
+        qcols = None if all_heads else q_proj_columns(n, hd, act, gated)
+        kvcols = None if all_heads else kv_proj_columns(n, kh, hd, act)
+        groups = len(kvcols) // hd if kvcols is not None else kh
+
+        def qkv(hh, heads, qc, kc, ng, cos, sin):
+            b_, t_ = hh.shape[:2]
+            q = lin(hh, "q_proj", qc)
+            gate = None
+            if gated:
+                q = q.reshape(b_, t_, heads, 2 * hd)
+                q, gate = q[..., :hd], q[..., hd:].reshape(b_, t_, heads * hd)
+            else:
+                q = q.reshape(b_, t_, heads, hd)
+            k = lin(hh, "k_proj", kc).reshape(b_, t_, ng, hd)
+            v = lin(hh, "v_proj", kc).reshape(b_, t_, ng, hd)
+            return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin), v, gate
+
+        qt, kt, vt, gt = qkv(xt, n, None, None, kh, ct, st)
+        qv, kv, vv, gv = qkv(xv, len(act), qcols, kvcols, groups, cv, sv)
+        ot, ov = visual_attention_core(qt, kt, vt, qv, kv, vv, ix, active_heads=act)
+        ot, ov = ot.reshape(ot.shape[:2] + (n * hd,)), ov.reshape(ov.shape[:2] + (len(act) * hd,))
+        if gated:
+            ot, ov = ot * nn.sigmoid(gt), ov * nn.sigmoid(gv)
+        yt = lin(ot, "o_proj")
+        yv = lin(ov, "o_proj", rows=None if all_heads else o_proj_rows(n, hd, act))
+        return merge_tokens(yt, yv, ix, s).astype(dt)
+
+
+def _take(a, index: np.ndarray, axis: int):
+    """a's entries at static `index` along `axis`: a slice when the index is one contiguous run, else a gather."""
+    if len(index) and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        return jax.lax.slice_in_dim(a, int(index[0]), int(index[0]) + len(index), axis=axis)
+    return jnp.take(a, jnp.asarray(index), axis=axis)
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual layer: token mixer (DeltaNet or full attention), then SwiGLU MLP."""
@@ -166,7 +241,7 @@ class DecoderLayer(nn.Module):
                 h, ctx["mask"], cache, ctx.get("segments"))
         else:
             h, cache = FullAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.decode,
-                                     name="self_attn")(h, ctx, cache)
+                                     cut=self.cut, name="self_attn")(h, ctx, cache)
         x = x + h
         sliced = self.cut is not None and not self.cut.dropped and self.cut.ffn_width < cfg.intermediate_size
         x = x + MLP(cfg.intermediate_size, self.dtype, self.param_dtype,
@@ -248,7 +323,7 @@ class TextModel(nn.Module):
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
                  decode: bool = False, last_logits_only: bool = False, placed_embeds=None, placed_mask=None,
                  compute_logits: bool = True, cache_empty: bool = False, active=None, logits_dtype=None,
-                 segment_ids=None, text_slots: int | None = None):
+                 segment_ids=None, text_slots: int | None = None, visual_layout: VisualLayout | None = None):
         """input_ids [B, S] int or inputs_embeds [B, S, D]; attention_mask [B, S] bool; positions [B, S] int32
         (default: 0.. on each row's real tokens in prefill, continuing from the cache length; the cache length in
         decode; 0.. per sample with segment_ids). placed_embeds [B, S, D] replace the token embeddings where
@@ -258,7 +333,8 @@ class TextModel(nn.Module):
         the cache holds 0 tokens. active [B] bool (decode): rows that take this token; the others keep their cache.
         logits_dtype: the lm_head accumulates and emits this dtype (float32 for decoding: no rounding of bf16
         logits); default `dtype`. segment_ids [B, S] int or None: packed samples, a new one wherever the id changes
-        (plain forward only).
+        (plain forward only). text_slots (static) and visual_layout (`visual_cuts.VisualLayout`): what the visual
+        cuts need (text_slots: any cut; visual_layout: cuts (1) window and (2) heads when visual tokens are placed).
         Returns (logits [B, S or 1, V] or None, out); V is config.padded_vocab_size, the padded columns masked
         (`mask_padded_vocab`)."""
         cfg = self.config
@@ -273,7 +349,7 @@ class TextModel(nn.Module):
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
         cuts_on = self.cuts.any
         if cuts_on:
-            self._check_cuts(cache, decode, segment_ids, text_slots)
+            self._check_cuts(cache, decode, segment_ids, text_slots, visual_layout, placed_mask)
         vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
         table = self.param("embed_tokens", with_axes(_zero_padded_vocab(nn.initializers.normal(0.02), vocab, 0),
                                                      ("vocab", "embed")), (padded, cfg.hidden_size), self.param_dtype)
@@ -290,6 +366,9 @@ class TextModel(nn.Module):
             x, attention_mask = rotate_rows(x, shift), rotate_rows(attention_mask, shift)
             if cuts_on and placed_mask is not None:
                 placed_mask = rotate_rows(placed_mask, shift)
+            if cuts_on and visual_layout is not None:
+                visual_layout = visual_layout._replace(
+                    visual_index=rotate_rows(jnp.asarray(visual_layout.visual_index), shift))
             positions = None if positions is None else rotate_rows(positions, shift)
             segment_ids = None if segment_ids is None else rotate_rows(segment_ids, shift)
         x = constrain(x, TOKEN_ACTIVATIONS)
@@ -330,7 +409,8 @@ class TextModel(nn.Module):
         if decode and UNSTACKED in self.variables.get("params", {}):
             h, new_layers, hidden = self._run_unstacked_decode(x, layers, ctx, period)
         elif cuts_on and not self.is_initializing():
-            h, hidden, overflow = self._run_cut_stack(x, ctx, attention_mask, placed_mask, text_slots, period)
+            h, hidden, overflow = self._run_cut_stack(x, ctx, attention_mask, placed_mask, text_slots, period,
+                                                      visual_layout)
             new_layers = None
         else:
             block = DecoderBlock
@@ -392,37 +472,50 @@ class TextModel(nn.Module):
             hidden.append(hid)
         return x, layers, jnp.stack(hidden)
 
-    def _check_cuts(self, cache, decode, segment_ids, text_slots):
+    def _check_cuts(self, cache, decode, segment_ids, text_slots, visual_layout, placed_mask):
         cfg, cuts = self.config, self.cuts
         cuts.validate_for_model(cfg)
-        names = [n for n, v in (("window", cuts.window), ("heads", cuts.heads)) if v is not None]
-        if names:
-            raise NotImplementedError(f"visual cut(s) {names} are not wired into the model yet "
-                                      "(uhd_jax.model.visual_attention); drop_layer and ffn_ratio are")
-        on = [n for n, v in (("drop_layer", cuts.drop_layer), ("ffn_ratio", cuts.ffn_ratio)) if v is not None]
+        on = [n for n, v in (("window", cuts.window), ("heads", cuts.heads), ("drop_layer", cuts.drop_layer),
+                             ("ffn_ratio", cuts.ffn_ratio)) if v is not None]
         if cache is not None or decode:
             raise NotImplementedError(f"visual cuts with a KV cache are not implemented yet ({', '.join(on)} set); "
                                       "prefill / decode need Cuts() for now")
         if segment_ids is not None and cuts.drop_layer is not None:
             raise NotImplementedError("visual layer drop (drop_layer) with packed rows (segment_ids) is not "
                                       "implemented yet")
+        attn = [n for n in ("window", "heads") if n in on]
+        if segment_ids is not None and attn:
+            raise NotImplementedError(f"visual cut(s) {attn} with packed rows (segment_ids) are not implemented yet")
+        if attn and placed_mask is not None and visual_layout is None:
+            raise ValueError(f"the visual cut(s) {attn} need visual_layout (visual_cuts.VisualLayout: "
+                             "batch.visual_index, batch.vision.grid, levels, out_tokens_per_view) to know each "
+                             "visual token's view, row and column")
         if text_slots is None:
             raise ValueError(f"the visual cuts ({', '.join(on)}) need batch.text_slots (the compact length of each "
                              "row's text tokens), set by the Packer: PackerConfig(text_slot_multiple=128)")
 
-    def _run_cut_stack(self, x, ctx, attention_mask, visual_mask, text_slots, period):
+    def _run_cut_stack(self, x, ctx, attention_mask, visual_mask, text_slots, period, visual_layout=None):
         """The decoder stack with visual cuts: a Python loop over `visual_cuts.segments` (runs of layer periods with
         identical settings), `jax.lax.scan` over the stacked parameters inside each. Written by hand rather than
         with nn.scan because nn.scan scans one module over the whole `layers` axis with one static configuration,
         while here consecutive slices of the same stacked tree (params["layers"], unchanged, so checkpoints load)
         run different programs, and the carried sequence changes length where the visual tokens leave. Params
-        are created by the ordinary nn.scan path at init. Returns (h, hidden [layers, B, S, D], overflow [B])."""
+        are created by the ordinary nn.scan path at init. With cuts (1) window / (2) heads the visual index
+        (`visual_attention.build_visual_index`, int work) is built here once and read by every full-attention layer
+        from ctx["vindex"] (without placed visual tokens it is not built: the cuts have nothing to act on).
+        Returns (h, hidden [layers, B, S, D], overflow [B])."""
         cfg = self.config
         bsz, s, _ = x.shape
         mask = jnp.ones((bsz, s), bool) if attention_mask is None else attention_mask
         vis = jnp.zeros((bsz, s), bool) if visual_mask is None else visual_mask.astype(bool)
         text_index, text_valid, slot, is_text, count = text_plan(mask, vis, text_slots)
         ctx = dict(ctx, text=(text_index, text_valid, slot, is_text))
+        if (self.cuts.window is not None or self.cuts.heads is not None) and visual_layout is not None \
+                and visual_mask is not None:
+            lay = visual_layout
+            ctx["vindex"] = build_visual_index(vis, lay.visual_index, lay.grid, mask.sum(-1).astype(jnp.int32),
+                                               levels=lay.levels, out_tokens_per_view=lay.out_tokens_per_view,
+                                               window=self.cuts.window, text_slots=text_slots)
         if self.cuts.drop_layer is not None:
             g = lambda a: gather_rows(a, text_index)
             ctx["compact"] = {"cos": g(ctx["cos"]), "sin": g(ctx["sin"]), "mask": text_valid,

@@ -32,7 +32,9 @@ The two key sets of a visual query are scored separately and joined in one softm
 logits (the same as a log-sum-exp merge of two partial softmaxes). Nothing [S, S] is built for visual queries;
 `tests/test_visual_attention.py` counts the dot products in the jaxpr. All softmaxes run in float32.
 
-Intended wiring in `FullAttention` (prefill without cache; decode and cached prefill keep the normal path):
+Wired into the model (the full version below, projections included) by `text_model.FullAttention.
+_visual_cut_attention`, with the index built once per forward in `TextModel._run_cut_stack` from
+`visual_cuts.VisualLayout`; forward without a cache only. The wiring, in short:
     # once per forward, outside the layer scan (int work only), from the ModelBatch:
     index = build_visual_index(batch.visual_mask, batch.visual_index, batch.vision.grid, lengths,
                                levels=batch.vision.levels, out_tokens_per_view=batch.vision.out_tokens_per_view,

@@ -155,6 +155,27 @@ def layer_cuts(cfg: TextConfig, cuts: Cuts, i: int) -> LayerCuts:
                      window=cuts.window if full and not dropped else None)
 
 
+class VisualLayout(NamedTuple):
+    """Where the visual tokens come from, for cuts (1) window and (2) heads (`visual_attention.build_visual_index`,
+    built once per forward). visual_index [B, S] int (`ModelBatch.visual_index`: slot view * T_out + output token),
+    grid [B, Vr, 2] int (each view's PATCH grid, `VisionBatch.grid`), levels and out_tokens_per_view: Python ints
+    (`VisionBatch.levels`, `VisionBatch.out_tokens_per_view`; static, part of the program). Build it inside the
+    jitted function (MiniCPMV does), so that the two ints stay static."""
+
+    visual_index: object
+    grid: object
+    levels: int
+    out_tokens_per_view: int
+
+    @classmethod
+    def from_batch(cls, batch) -> "VisualLayout | None":
+        """The layout of a ModelBatch (None without images)."""
+        v = batch.vision
+        if v is None:
+            return None
+        return cls(jnp.asarray(batch.visual_index), jnp.asarray(v.grid), v.levels, v.out_tokens_per_view)
+
+
 class Segment(NamedTuple):
     """Layer periods [start, stop) (scan steps of the stack) with identical settings `layers` (one LayerCuts per
     layer of the period). enter_drop: index within the period of the first dropped layer when the visual tokens
