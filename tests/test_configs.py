@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.convert_ref import hf_model, save_hf
@@ -98,3 +99,26 @@ def test_one_step_on_a_scaled_down_model(tmp_path, tiny_checkpoints, config, tex
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 1/1" in r.stdout and os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
 
+
+def test_yopo_finetune_one_step_with_a_calibrated_mask(tmp_path, tiny_checkpoints):
+    """The visual-savings recipe: all four cuts on (a head mask as the calibration command writes it), one step;
+    a bad cut value is an error naming the key."""
+    from uhd_jax.model.visual_cuts import save_head_mask
+
+    cfg = tiny_config(text_model="qwen3_5_text").text
+    mask = np.ones((cfg.num_hidden_layers, cfg.num_attention_heads), bool)
+    mask[[i for i, t in enumerate(cfg.layer_types) if t == "full_attention"], 1:] = False  # one head stays active
+    save_head_mask(tmp_path / "heads.npz", mask)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "uhd_jax.train", f"--config=configs/yopo_finetune.py:mask={tmp_path / 'heads.npz'}",
+           f"--workdir={tmp_path / 'run'}", f"--config.init.checkpoint={tiny_checkpoints['qwen3_5_text']}",
+           f"--config.data.path={tiny_checkpoints['jsonl']}", *SCALED_DOWN]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 1/1" in r.stdout and "visual cuts: window 5" in r.stdout and "drop_layer 4, ffn_ratio 2" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows and all(row["mfu"] is None for row in rows)  # the dense FLOPs count does not apply
+    bad = subprocess.run(cmd[:-len(SCALED_DOWN)] + SCALED_DOWN + ["--config.model.cuts.window=4"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "model.cuts.window" in bad.stdout + bad.stderr

@@ -348,7 +348,7 @@ class TextModel(nn.Module):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
         cuts_on = self.cuts.any
-        if cuts_on:
+        if cuts_on and not self.is_initializing():  # init runs the plain stack: the parameters are the same
             self._check_cuts(cache, decode, segment_ids, text_slots, visual_layout, placed_mask)
         vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
         table = self.param("embed_tokens", with_axes(_zero_padded_vocab(nn.initializers.normal(0.02), vocab, 0),
