@@ -67,7 +67,9 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
         cfg = reference_config()
         cfg = cfg.replace(merger=dataclasses.replace(cfg.merger, downsample_mode=c.model.downsample_mode))
     else:
-        cfg = ModelConfig.from_json(c.init.checkpoint)
+        from uhd_jax.convert.checkpoint import model_files_dir  # a converted checkpoint or a trainer step
+
+        cfg = ModelConfig.from_json(model_files_dir(c.init.checkpoint))
     return cfg.replace(text=cfg.text.with_vocab_multiple(max(1, int(c.mesh.tensor))))
 
 
@@ -107,7 +109,7 @@ def write_model_files(cfg: ModelConfig, c, out: str):
     byte tokenizer, the real MiniCPM-V 4.6 vocabulary for 'reference', or the checkpoint's). The input processor
     reads them, and every checkpoint step exports with
     them (`python -m uhd_jax.convert jax-to-hf --ckpt WORKDIR/checkpoints/STEP`)."""
-    from uhd_jax.convert.checkpoint import CONFIG_FILE, copy_side_files
+    from uhd_jax.convert.checkpoint import CONFIG_FILE, copy_side_files, model_files_dir
 
     os.makedirs(out, exist_ok=True)
     if c.model.name in ("tiny", "small"):  # the built-in byte tokenizer's files
@@ -119,7 +121,7 @@ def write_model_files(cfg: ModelConfig, c, out: str):
 
         write_reference_model_dir(out, cfg)
     elif c.init.checkpoint:
-        copy_side_files(c.init.checkpoint, out, skip={CONFIG_FILE})
+        copy_side_files(model_files_dir(c.init.checkpoint), out, skip={CONFIG_FILE})
     cfg.to_json(os.path.join(out, CONFIG_FILE))
 
 
