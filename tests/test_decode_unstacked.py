@@ -46,3 +46,15 @@ def test_unstacked_decode_equals_scanned(model_type):
                 np.testing.assert_array_equal(np.asarray(new["layers"][name][key])[:, 1], np.asarray(old)[:, 1])
                 assert not np.array_equal(np.asarray(new["layers"][name][key])[:, 0], np.asarray(old)[:, 0]), key
         np.testing.assert_array_equal(new["lengths"], np.asarray(cache["lengths"]) + np.array([1, 0, 1]))
+
+
+def test_text_model_of_an_unbound_minicpmv():
+    """MiniCPMV(...).text_model() is a free TextModel configured as the full model (it asserted before)."""
+    from uhd_jax.model.minicpmv import MiniCPMV
+
+    text = MiniCPMV(tiny_config(), chunk=ChunkOptions(8)).text_model()
+    assert isinstance(text, TextModel) and text.chunk == ChunkOptions(8) and text.parent is None
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = text.init(jax.random.key(0), ids)["params"]
+    logits, _ = text.apply({"params": params}, ids)
+    assert logits.shape[:2] == (1, 4)

@@ -44,6 +44,13 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def non_negative_float(text: str) -> float:
     v = float(text)
     if not np.isfinite(v) or v < 0:

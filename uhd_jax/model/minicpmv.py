@@ -105,8 +105,9 @@ class MiniCPMV(nn.Module):
 
     def text_model(self, **kw) -> TextModel:
         """The LLM alone, configured as here (unbound; its params are params["text"]), e.g. for text-only scoring."""
+        kw = {"cuts": self.cuts, "parent": None, **kw}  # parent None: a free module, not a child of this one
         return TextModel(self.config.text, self.dtype, self.param_dtype, remat_policy=self.remat_policy,
-                         attention_impl=self.attention_impl, chunk=self.chunk, **{"cuts": self.cuts, **kw})
+                         attention_impl=self.attention_impl, chunk=self.chunk, **kw)
 
     def prefill(self, batch: ModelBatch, cache):
         """Appends the batch's prompts (images encoded once per view, visual tokens placed) to each row's cache:

@@ -233,13 +233,6 @@ def write_heatmap(path: str, res: Result, layer_types, cell: int = 22):
 
 
 # ------------------------------------------------------------------------------------------------ the command
-def non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def majority_float(text: str) -> float:
     v = float(text)
     if not 0 <= v < 1:
@@ -260,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                      help="choose alpha so that K heads per full-attention layer are kept on average")
     p.add_argument("--majority", type=majority_float, default=0.4, metavar="F",
                    help="keep a head active on more than this fraction of the samples (default 0.4)")
-    p.add_argument("--first-layer", type=non_negative_int, default=2, metavar="L",
+    p.add_argument("--first-layer", type=cli.non_negative_int, default=2, metavar="L",
                    help="layers before L (a layer index, DeltaNet layers counted) keep all heads (default 2)")
     p.add_argument("--out", required=True, metavar="MASK.npz", help="where the mask goes")
     p.add_argument("--plot", default=None, metavar="HEATMAP.png", help="also write a heatmap of log r")
