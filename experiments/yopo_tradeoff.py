@@ -158,6 +158,7 @@ def main():
     mask = os.path.join(a.out, "heads.npz")
     rc = calibrate.main(["--checkpoint", base_ckpt, "--data", calib_jsonl(c, a.out, a.calib),
                          "--target-heads", str(a.target_heads), "--first-layer", "0", "--out", mask,
+                         "--views-per-row", str(c.data.views_per_row), "--tokens-per-view", str(c.data.tokens_per_view),
                          "--plot", os.path.join(a.out, "heads.png")])
     if rc:
         raise SystemExit(f"calibration failed (exit {rc})")
