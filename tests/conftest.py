@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,6 +13,19 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# A persistent compilation cache for this test session: the same program compiled again (the same model built by
+# several tests or files, a jit of a fresh function object, a fixture rebuilt per parametrized case) is loaded
+# instead of recompiled. XLA's executable is the same one, so no result changes; only compiles over
+# jax_persistent_cache_min_compile_time_secs (1 s) are stored. A fresh directory per session (removed at exit)
+# unless the caller chose one with JAX_COMPILATION_CACHE_DIR; os.environ is left alone, so subprocesses the tests
+# start behave as before.
+if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+else:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="uhd_jax_test_jit_cache_")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 

@@ -123,14 +123,19 @@ def test_bad_flags_are_usage_errors(files, capsys, extra, needle):
     assert needle in err and "usage: python -m uhd_jax.generate" in err and "Traceback" not in err
 
 
-def test_usage_errors_from_the_command_line(files, tmp_path):
-    """As a subprocess: a missing checkpoint names --checkpoint; --input without --output; no traceback."""
+def test_usage_errors_from_the_command_line(files, tmp_path, monkeypatch, capsys):
+    """A missing checkpoint names --checkpoint (as a subprocess: exit code 2, no traceback); --input without
+    --output, an empty or missing --input file, a --capacity below the largest prompt bucket: usage errors
+    (SystemExit 2 from main, run in-process: the same argv and the same checks, without another jax start)."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     one = tmp_path / "one.jsonl"
     one.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
-    for argv, needle in [(["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], "--checkpoint"),
-                         (["--checkpoint", files["ckpt"], "--input", "x.jsonl"], "--input needs --output"),
+    r = subprocess.run([sys.executable, "-m", "uhd_jax.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt",
+                        "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    monkeypatch.chdir(tmp_path)  # the relative o.jsonl below (the subprocess ran in ROOT; none is written)
+    for argv, needle in [(["--checkpoint", files["ckpt"], "--input", "x.jsonl"], "--input needs --output"),
                          (["--checkpoint", files["ckpt"], "--input", str(empty), "--output", "o.jsonl"],
                           "--input: " + str(empty) + ": no records"),
                          (["--checkpoint", files["ckpt"], "--input", str(tmp_path / "missing.jsonl"), "--output",
@@ -138,9 +143,11 @@ def test_usage_errors_from_the_command_line(files, tmp_path):
                          (["--checkpoint", files["ckpt"], "--input", str(one), "--output", "o.jsonl", "--capacity",
                            "100", "--prompt-buckets", "64,128"], "--capacity 100 is smaller than the largest "
                                                                  "--prompt-buckets entry 128")]:
-        r = subprocess.run([sys.executable, "-m", "uhd_jax.generate", *argv], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(SystemExit) as e:
+            generate.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+        assert not os.path.exists(tmp_path / "o.jsonl")
 
 
 def test_our_bugs_stop_the_run_and_a_bad_seed_is_an_error_row(files, monkeypatch):

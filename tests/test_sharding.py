@@ -22,6 +22,10 @@ P = jax.sharding.PartitionSpec
 def _python(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = ROOT
+    # the session's compilation cache (tests/conftest.py): the 8-device runs here and test_train_step's share
+    # programs (the tiny qwen3 init and the one-device step on the same batch)
+    if jax.config.jax_compilation_cache_dir:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -248,6 +248,9 @@ def test_grad_accum_on_a_sharded_mesh():
     2.3e-6 of the update: summation order only)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = ROOT
+    # the session's compilation cache (tests/conftest.py), shared with tests/sharding_check.py's 8-device runs
+    if jax.config.jax_compilation_cache_dir:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     r = subprocess.run([sys.executable, "-m", "tests.test_train_step"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
