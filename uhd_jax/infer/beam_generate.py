@@ -62,7 +62,7 @@ class BeamGenerator:
     def _run_impl(self, params, batch, *, max_new_tokens, capacity):
         model, variables = self.model, {"params": params}
         b = batch.input_ids.shape[0]
-        cache = init_cache(model.config, b, capacity, self.cache_dtype)
+        cache = init_cache(model.config, b, capacity, self.cache_dtype, cuts=model.cuts)
         logits, cache = model.apply(variables, batch, cache, method=MiniCPMV.prefill)
 
         step_vars = decode_variables(params)

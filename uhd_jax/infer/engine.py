@@ -214,7 +214,7 @@ class Generator:
                                                                      method=MiniCPMV.prefill))
 
     def new_cache(self, batch_size: int, capacity: int) -> DecodeCache:
-        return init_cache(self.model.config, batch_size, capacity, self.cache_dtype)
+        return init_cache(self.model.config, batch_size, capacity, self.cache_dtype, cuts=self.model.cuts)
 
     def _generate_impl(self, params, batch, cache, max_new, keys, sampling, stop_ids, *, max_new_tokens):
         variables = {"params": params}
@@ -344,7 +344,8 @@ class SlotEngine:
 
     def _empty_state(self) -> DecodeState:
         b, w = self.slots, self.prompt_width
-        cache = init_cache(self.model.config, b, self.capacity, self.cache_dtype).replace(empty=False)
+        cache = init_cache(self.model.config, b, self.capacity, self.cache_dtype,
+                           cuts=self.model.cuts).replace(empty=False)
         return DecodeState(cache=cache, tokens=jnp.full((b, self.max_new_tokens), -1, jnp.int32),
                            num_tokens=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool),
                            reason=jnp.zeros((b,), jnp.int32), max_new=jnp.zeros((b,), jnp.int32),
@@ -352,7 +353,7 @@ class SlotEngine:
                            prompt_mask=jnp.zeros((b, w), bool), params=self._sampling(None, b))
 
     def _prefill_row_impl(self, params, batch, max_new, key, sampling):
-        cache = init_cache(self.model.config, 1, self.capacity, self.cache_dtype)
+        cache = init_cache(self.model.config, 1, self.capacity, self.cache_dtype, cuts=self.model.cuts)
         logits, cache = self.model.apply({"params": params}, batch, cache, method=MiniCPMV.prefill)
         pad = self.prompt_width - batch.input_ids.shape[1]
         st = DecodeState(cache=cache, tokens=jnp.full((1, self.max_new_tokens), -1, jnp.int32),
