@@ -17,6 +17,7 @@ from tests.test_visual_cuts import ALL_DENSE, ALL_HYBRID, CHUNK, DENSE_HEADS, HY
 from uhd_jax.compile_counter import count_compilations
 from uhd_jax.config import tiny_config
 from uhd_jax.data.batch import ModelBatch
+from uhd_jax.infer.beam_generate import BeamGenerator
 from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.infer.engine import Generator
 from uhd_jax.model.minicpmv import MiniCPMV, _text_cache
@@ -112,10 +113,9 @@ def test_decode_after_cut_prefill_matches_no_cache_forward(model_type, which):
 @functools.lru_cache(maxsize=None)
 def _mini():
     cfg = tiny_config()
-    d = _layout()
-    ids = np.where(d["vis"], cfg.image_token_id, d["ids"] % 400).astype(np.int32)
-    from tests.data_utils import make_model_dir, random_image  # noqa: F401  (the batch's vision arrays)
-    batch = _vision_batch()
+    batch = _vision_batch()  # the test tokenizer's ids mapped into the tiny vocabulary, placeholders kept
+    ids = np.where(np.asarray(batch.visual_mask, bool), cfg.image_token_id,
+                   np.asarray(batch.input_ids) % 400).astype(np.int32)
     batch = dataclasses.replace(batch, input_ids=ids)
     model = MiniCPMV(cfg, chunk=CHUNK, attention_impl="xla", cuts=ALL_HYBRID)
     params = jax.jit(lambda k: MiniCPMV(cfg, chunk=CHUNK).init(k, batch))(jax.random.PRNGKey(2))["params"]
@@ -138,7 +138,7 @@ def _vision_batch() -> ModelBatch:
 
     def chat(images, q):
         parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": q}]
-        return p.encode_chat([{"role": "user", "content": parts}])
+        return p.encode_chat([{"role": "user", "content": parts}], add_generation_prompt=True)
 
     samples = [chat([random_image(20, 30, 1), random_image(300, 140, 2)], "What is it?"),
                chat([random_image(60, 500, 3)], "Describe.")]
@@ -148,7 +148,8 @@ def _vision_batch() -> ModelBatch:
 
 def test_generator_with_cuts_greedy_matches_no_cache_forward():
     """Generator.generate with a cut model: the greedy tokens are the argmax of the no-cache cut forward over
-    prompt + generated tokens at every generated position; one compilation for two calls of the same shapes."""
+    prompt + generated tokens at every generated position; one compilation for two calls of the same shapes;
+    beam search with one beam gives the same tokens."""
     cfg, model, params, batch = _mini()
     gen = Generator(model)
     new = 5
@@ -177,6 +178,9 @@ def test_generator_with_cuts_greedy_matches_no_cache_forward():
     for b in range(2):
         want = logits[b, n[b] - 1:n[b] + new - 1].argmax(-1)
         assert np.array_equal(toks[b], want), (b, toks[b], want)
+    # beam search with one beam is greedy (prefill with cuts, then DecodeCache.take and decode steps)
+    beams = BeamGenerator(model, num_beams=1).generate(params, batch, max_new_tokens=new, capacity=S + new)
+    assert all(np.array_equal(beams.tokens[b], toks[b]) for b in range(2))
 
 
 def test_no_cut_cache_unchanged_and_continued_prefill_refused():

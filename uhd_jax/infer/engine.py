@@ -326,8 +326,10 @@ class SlotEngine:
         self.pick_fn, self.sampling_defaults = pick_fn, sampling_defaults
         self.cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
         self.steps_per_sync = steps_per_sync
+        # a cut model needs ModelBatch.text_slots (rounded to 128: few programs); without cuts the packer is as before
         self.packer = Packer(processor, PackerConfig(batch_size=1, seq_buckets=tuple(prompt_buckets),
-                                                     views_per_row=views_per_row, tokens_per_view=tokens_per_view))
+                                                     views_per_row=views_per_row, tokens_per_view=tokens_per_view,
+                                                     text_slot_multiple=128 if model.cuts.any else None))
         self.prompt_width = max(prompt_buckets)
         self.queue: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}  # slot -> request

@@ -15,6 +15,9 @@ Modes (all return `(logits, out)`, `out` a dict of named intermediates):
     overflowed; callers refuse such requests beforehand (`uhd_jax.infer`).
   - decode: `decode=True`, one token per row, `cache` from prefill or the previous step; rows where `active`
     is False keep their cache unchanged.
+  With visual cuts (`cuts`): prefill into an empty cache only; the cache dict then also carries "visual" [B, T]
+  (head cut) and "text_lengths" [B] (layer drop: layers >= drop_layer hold the text tokens only, compacted), see
+  `uhd_jax.infer.cache.DecodeCache`; decode continues it with the logits of the no-cache cut forward.
 Padding layouts accepted (`attention_mask` [B, S] bool): each row's real tokens contiguous, either first (right
 padding: the packer's) or last (left padding: `Processor.pad(padding_side="left")`, transformers' batched
 generation), or anywhere in between with padding on both sides. The model rotates each row so that its real
@@ -277,7 +280,10 @@ class DecoderLayer(nn.Module):
 class DecoderBlock(nn.Module):
     """One period of `layer_types`; scanned. Returns (x, (new cache, hidden states [period, B, S, D])).
 
-    With the visual cuts (`cuts`, one LayerCuts per layer of the period; only without a cache): ctx["text"] holds
+    With the visual cuts (`cuts`, one LayerCuts per layer of the period; prefill without a cache or into an empty
+    one; at decode (`decode=True`) the token is text: no compaction, whole FFN, dropped layers read
+    ctx["compact"], their text-only cache length, and full-attention layers mask visual keys (ctx["visual"]) in
+    inactive heads): ctx["text"] holds
     the text plan (`visual_cuts.text_plan`), ctx["compact"] the context of the text-only sequence [B, T] used by
     dropped layers, whose input x is then [B, T, D]. enter_drop: the layer of this period where the visual tokens
     leave: its input is compacted to the text tokens here. Hidden states stay [B, S, D]: on dropped layers the
