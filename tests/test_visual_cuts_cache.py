@@ -94,18 +94,36 @@ def _check(model_type, cuts):
     return errs
 
 
-@pytest.mark.parametrize("model_type,which", [("qwen3_5_text", "all"), ("qwen3", "all"), ("qwen3_5_text", "drop"),
+@pytest.mark.parametrize("model_type,which", [("qwen3_5_text", "all"), ("qwen3", "all"), ("qwen3", "drop"),
                                               ("qwen3", "heads")])
 def test_decode_after_cut_prefill_matches_no_cache_forward(model_type, which):
     """Prefill (with images, two rows of different lengths) + NEW teacher-forced decode steps (scanned stack and
     unstacked per-block parameters): each step's logits are the no-cache cut forward's at the same position. The
     hybrid drops at layer 6, inside a block (DeltaNet and full attention layers dropped); the dense model's head
-    cut has a layer where no head sees visual tokens."""
+    cut has a layer where no head sees visual tokens; drop alone: layers before it with the plain attention."""
     cuts = {"all": ALL[model_type], "drop": Cuts(drop_layer=ALL[model_type].drop_layer),
             "heads": Cuts(heads=HEADS[model_type])}[which]
     errs = _check(model_type, cuts)
     print(model_type, which, {k: "%.1e" % e for k, e in errs.items()})
     assert max(errs.values()) <= TOL, errs
+
+
+def test_text_slot_overflow_is_nan_and_overflowed_not_garbage():
+    """Row 0 with 8 visual positions turned into text holds more text tokens than text_slots (the dense all-cuts
+    programs of the test above, same shapes): its prefill and decode logits are NaN, the cache marks it
+    overflowed; row 1 is unaffected."""
+    cfg, params, ids, placed, d = _setup("qwen3")
+    _, prefill, decode = _fns("qwen3", ALL_DENSE)
+    vis = d["vis"].copy()
+    vis[0, np.flatnonzero(vis[0])[:8]] = False
+    assert ((d["mask"] & ~vis).sum(1) > d["text_slots"]).tolist() == [True, False]
+    cache = init_cache(cfg, 2, CAP, jnp.float32, cuts=ALL_DENSE)
+    logits, c = prefill(params, ids, d["mask"], placed, vis, d["vindex"], d["grid"], _text_cache(cache))
+    assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1, :cfg.vocab_size])).all()
+    assert np.asarray(cache.replace(text_lengths=c["text_lengths"]).overflowed).tolist() == [True, False]
+    for i in range(2):
+        logits, c = decode(params, jnp.array([1, 2], jnp.int32), c)
+        assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1, :cfg.vocab_size])).all()
 
 
 # --- Generator: MiniCPMV with the vision encoder ---------------------------------------------------------------

@@ -12,7 +12,8 @@ One `DecodeCache` holds, for B rows and a capacity of T token slots:
   - `text_lengths` [B] int32 or None: tokens each row holds in the layers from `Cuts.drop_layer` on (the layer drop
     cut (3)): those layers' KV caches hold only the text tokens, compacted to slots 0 .. text_lengths-1, and their
     DeltaNet states ran over the text tokens only; a decode token goes to slot text_lengths[b] there (and to slot
-    lengths[b] in the layers before; its rope position is lengths[b], its index in the whole sequence).
+    lengths[b] in the layers before; its rope position is lengths[b], its index in the whole sequence). -1: the
+    prompt had more text tokens than `ModelBatch.text_slots` (the row is `overflowed`; its logits are NaN).
     Both are None for a model without these cuts (its cache is exactly as before the cuts existed).
   - `capacity` (static): T.
   - `empty` (static): True only for a cache that holds nothing in any row (`init_cache`, `reset`): its prefill
@@ -49,8 +50,10 @@ class DecodeCache:
 
     @property
     def overflowed(self):
-        """[B] bool: rows that received more tokens than the capacity (their cache is incomplete)."""
-        return self.lengths > self.capacity
+        """[B] bool: rows that received more tokens than the capacity, or (layer drop cut) whose prompt had more
+        text tokens than its text_slots (text_lengths -1): their cache is incomplete."""
+        over = self.lengths > self.capacity
+        return over if self.text_lengths is None else over | (self.text_lengths < 0)
 
     def reset(self) -> "DecodeCache":
         """Every row emptied (buffers left as they are: an empty cache's prefill overwrites what it reads)."""

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhd_jax.data.batch import ModelBatch
+from uhd_jax.data.batch import ModelBatch, check_text_slots
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
@@ -234,6 +234,8 @@ class Generator:
         """Host checks before anything runs: padding layout, visual placement, capacity. Returns prompt lengths."""
         check_padding(batch.attention_mask)
         check_visual_placement(batch, self.model.config.image_token_id)
+        if self.model.cuts.any and batch.text_slots is not None:  # a cut model's compaction must hold every text token
+            check_text_slots(batch.attention_mask, batch.visual_mask, batch.text_slots)
         lengths = np.asarray(batch.attention_mask, bool).sum(-1)
         held = np.zeros_like(lengths) if cache is None else np.asarray(cache.lengths)
         need = held + lengths + np.where(lengths > 0, max_new, 0)

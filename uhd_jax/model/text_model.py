@@ -439,9 +439,11 @@ class TextModel(nn.Module):
                 cut_cache["visual"] = cache["visual"]
             if cache.get("text_lengths") is not None:  # cut (3): layers >= drop_layer hold the text tokens only
                 tl = cache["text_lengths"]
-                ctx["compact"] = dict(ctx, index=tl, write=tl if active is None else
-                                      jnp.where(active, tl, jnp.iinfo(jnp.int32).max))
-                cut_cache["text_lengths"] = tl + 1 if active is None else tl + active.astype(tl.dtype)
+                cut_overflow = tl < 0  # the prompt had more text tokens than text_slots: its cache is incomplete
+                take = ~cut_overflow if active is None else active & ~cut_overflow
+                ctx["compact"] = dict(ctx, index=jnp.maximum(tl, 0),
+                                      write=jnp.where(take, tl, jnp.iinfo(jnp.int32).max))
+                cut_cache["text_lengths"] = tl + take.astype(tl.dtype)
 
         period = layer_period(cfg.layer_types)
         overflow = None
@@ -458,8 +460,8 @@ class TextModel(nn.Module):
                 if self.cuts.heads is not None:
                     t = _cache_capacity(layers)
                     cut_cache["visual"] = vis[:, :t] if s >= t else jnp.pad(vis, ((0, 0), (0, t - s)))
-                if self.cuts.drop_layer is not None:
-                    cut_cache["text_lengths"] = (mask & ~vis).sum(-1).astype(jnp.int32)
+                if self.cuts.drop_layer is not None:  # -1: more text tokens than text_slots (overflow; NaN logits)
+                    cut_cache["text_lengths"] = jnp.where(overflow, -1, (mask & ~vis).sum(-1).astype(jnp.int32))
         else:
             block = DecoderBlock
             if self.remat_policy != "none":
@@ -476,6 +478,8 @@ class TextModel(nn.Module):
         hidden = hidden.reshape((cfg.num_hidden_layers,) + hidden.shape[2:])
         for i in range(cfg.num_hidden_layers):
             out[f"layer_{i:02d}"] = back(hidden[i])
+        if decode and "text_lengths" in cut_cache:
+            overflow = cut_overflow  # decoding a row whose prompt overflowed its text slots: NaN, never garbage
         if overflow is not None:  # more text tokens than text_slots: never a silently truncated answer
             h = jnp.where(overflow[:, None, None], jnp.nan, h).astype(h.dtype)
         h = RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype, param_dtype=self.param_dtype,
