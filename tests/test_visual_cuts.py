@@ -335,16 +335,17 @@ def test_refusals():
         run(Cuts(drop_layer=2), text_slots=ts, segment_ids=jnp.asarray(d["mask"], jnp.int32))
     with pytest.raises(NotImplementedError, match=r"\['heads'\] with packed rows"):
         run(Cuts(heads=HYBRID_HEADS), text_slots=ts, segment_ids=jnp.asarray(d["mask"], jnp.int32))
-    # prefill / decode with a cache (MiniCPMV passes its field down; refused before any parameter is read)
+    # a cache (MiniCPMV passes its field down; refused before any parameter is read): continued prefill with cuts,
+    # and decode from a cache not prefilled with them (generation with cuts: tests/test_visual_cuts_cache.py)
     full = tiny_config()
     z = np.zeros((2, 4), np.int32)
     batch = ModelBatch(input_ids=z, attention_mask=z == 0, positions=z, visual_index=z, visual_mask=z > 0,
                        loss_mask=z > 0, text_slots=4)
-    cache = types.SimpleNamespace(layers={}, lengths=jnp.zeros((2,), jnp.int32), empty=True)
+    cache = types.SimpleNamespace(layers={}, lengths=jnp.zeros((2,), jnp.int32), empty=False)
     m = MiniCPMV(full, cuts=Cuts(drop_layer=4))
-    with pytest.raises(NotImplementedError, match="visual cuts with a KV cache are not implemented yet"):
+    with pytest.raises(NotImplementedError, match="continued prefill .* with visual cuts"):
         m.apply({"params": {}}, batch, cache, method="prefill")
-    with pytest.raises(NotImplementedError, match="drop_layer"):
+    with pytest.raises(ValueError, match="drop_layer"):
         m.apply({"params": {}}, jnp.zeros((2,), jnp.int32), cache, method="decode_step")
     with pytest.raises(NotImplementedError, match="window"):
         MiniCPMV(full, cuts=Cuts(window=3)).apply({"params": {}}, batch, cache, method="prefill")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhd_jax.data.batch import ModelBatch
+from uhd_jax.data.batch import ModelBatch, check_text_slots
 from uhd_jax.infer.beam import beam_search
 from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.infer.engine import CacheCapacityError, decode_variables
@@ -62,7 +62,7 @@ class BeamGenerator:
     def _run_impl(self, params, batch, *, max_new_tokens, capacity):
         model, variables = self.model, {"params": params}
         b = batch.input_ids.shape[0]
-        cache = init_cache(model.config, b, capacity, self.cache_dtype)
+        cache = init_cache(model.config, b, capacity, self.cache_dtype, cuts=model.cuts)
         logits, cache = model.apply(variables, batch, cache, method=MiniCPMV.prefill)
 
         step_vars = decode_variables(params)
@@ -83,6 +83,8 @@ class BeamGenerator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         check_padding(batch.attention_mask)
         check_visual_placement(batch, self.model.config.image_token_id)
+        if self.model.cuts.any and batch.text_slots is not None:  # a cut model's compaction must hold every text token
+            check_text_slots(batch.attention_mask, batch.visual_mask, batch.text_slots)
         ids = np.asarray(batch.input_ids)
         lengths = np.asarray(batch.attention_mask, bool).sum(-1)
         capacity = ids.shape[1] + max_new_tokens if capacity is None else int(capacity)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhd_jax.data.batch import ModelBatch
+from uhd_jax.data.batch import ModelBatch, check_text_slots
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
@@ -214,7 +214,7 @@ class Generator:
                                                                      method=MiniCPMV.prefill))
 
     def new_cache(self, batch_size: int, capacity: int) -> DecodeCache:
-        return init_cache(self.model.config, batch_size, capacity, self.cache_dtype)
+        return init_cache(self.model.config, batch_size, capacity, self.cache_dtype, cuts=self.model.cuts)
 
     def _generate_impl(self, params, batch, cache, max_new, keys, sampling, stop_ids, *, max_new_tokens):
         variables = {"params": params}
@@ -234,6 +234,8 @@ class Generator:
         """Host checks before anything runs: padding layout, visual placement, capacity. Returns prompt lengths."""
         check_padding(batch.attention_mask)
         check_visual_placement(batch, self.model.config.image_token_id)
+        if self.model.cuts.any and batch.text_slots is not None:  # a cut model's compaction must hold every text token
+            check_text_slots(batch.attention_mask, batch.visual_mask, batch.text_slots)
         lengths = np.asarray(batch.attention_mask, bool).sum(-1)
         held = np.zeros_like(lengths) if cache is None else np.asarray(cache.lengths)
         need = held + lengths + np.where(lengths > 0, max_new, 0)
@@ -326,8 +328,10 @@ class SlotEngine:
         self.pick_fn, self.sampling_defaults = pick_fn, sampling_defaults
         self.cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
         self.steps_per_sync = steps_per_sync
+        # a cut model needs ModelBatch.text_slots (rounded to 128: few programs); without cuts the packer is as before
         self.packer = Packer(processor, PackerConfig(batch_size=1, seq_buckets=tuple(prompt_buckets),
-                                                     views_per_row=views_per_row, tokens_per_view=tokens_per_view))
+                                                     views_per_row=views_per_row, tokens_per_view=tokens_per_view,
+                                                     text_slot_multiple=128 if model.cuts.any else None))
         self.prompt_width = max(prompt_buckets)
         self.queue: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -344,7 +348,8 @@ class SlotEngine:
 
     def _empty_state(self) -> DecodeState:
         b, w = self.slots, self.prompt_width
-        cache = init_cache(self.model.config, b, self.capacity, self.cache_dtype).replace(empty=False)
+        cache = init_cache(self.model.config, b, self.capacity, self.cache_dtype,
+                           cuts=self.model.cuts).replace(empty=False)
         return DecodeState(cache=cache, tokens=jnp.full((b, self.max_new_tokens), -1, jnp.int32),
                            num_tokens=jnp.zeros((b,), jnp.int32), done=jnp.ones((b,), bool),
                            reason=jnp.zeros((b,), jnp.int32), max_new=jnp.zeros((b,), jnp.int32),
@@ -352,7 +357,7 @@ class SlotEngine:
                            prompt_mask=jnp.zeros((b, w), bool), params=self._sampling(None, b))
 
     def _prefill_row_impl(self, params, batch, max_new, key, sampling):
-        cache = init_cache(self.model.config, 1, self.capacity, self.cache_dtype)
+        cache = init_cache(self.model.config, 1, self.capacity, self.cache_dtype, cuts=self.model.cuts)
         logits, cache = self.model.apply({"params": params}, batch, cache, method=MiniCPMV.prefill)
         pad = self.prompt_width - batch.input_ids.shape[1]
         st = DecodeState(cache=cache, tokens=jnp.full((1, self.max_new_tokens), -1, jnp.int32),

@@ -85,6 +85,20 @@ def gather_visual_tokens(tokens, visual_index):
     return jnp.take_along_axis(tokens.reshape(b, vr * t_out, d), visual_index[..., None].astype(jnp.int32), axis=1)
 
 
+def _text_cache(cache) -> dict:
+    """The text model's cache dict of a DecodeCache (the cut entries only where present)."""
+    d = {"layers": cache.layers, "lengths": cache.lengths}
+    for f in ("visual", "text_lengths"):
+        if getattr(cache, f, None) is not None:
+            d[f] = getattr(cache, f)
+    return d
+
+
+def _new_cache(cache, new: dict):
+    return cache.replace(layers=new["layers"], lengths=new["lengths"], empty=False,
+                         **{f: new[f] for f in ("visual", "text_lengths") if f in new})
+
+
 class MiniCPMV(nn.Module):
     """ModelBatch -> (logits [B, S, Vp] (or [B, 1, Vp] with last_logits_only; None with compute_logits=False), out).
     Vp = config.text.padded_vocab_size; the padded columns hold the most negative finite value, so they never win
@@ -114,11 +128,13 @@ class MiniCPMV(nn.Module):
         the KV of the full-attention layers from slot cache.lengths[b] on, the DeltaNet conv window and recurrent
         state continued, positions continuing from cache.lengths[b] (batch.positions is not used). Any padding
         layout with contiguous real tokens (right or left). Returns (float32 logits [B, Vp] of each row's last
-        real token, the new cache). Rows whose tokens do not fit the capacity come out `overflowed`."""
-        logits, out = self(batch, cache={"layers": cache.layers, "lengths": cache.lengths}, last_logits_only=True,
-                           _cache_empty=cache.empty, _logits_dtype=jnp.float32)
-        new = out["cache"]
-        return logits[:, 0], cache.replace(layers=new["layers"], lengths=new["lengths"], empty=False)
+        real token, the new cache). Rows whose tokens do not fit the capacity come out `overflowed`.
+        With visual cuts (`cuts`): into an empty cache only (a continued prefill raises NotImplementedError); the
+        cache then also records the visual slots (head cut) and the text-only lengths (layer drop), which
+        `decode_step` uses so that decoding gives the logits of the no-cache cut forward over prompt + tokens."""
+        logits, out = self(batch, cache=_text_cache(cache), last_logits_only=True, _cache_empty=cache.empty,
+                           _logits_dtype=jnp.float32)
+        return logits[:, 0], _new_cache(cache, out["cache"])
 
     def decode_step(self, tokens, cache, active=None):
         """tokens [B] int: one new token per row, at slot / position cache.lengths[b]. active [B] bool (default
@@ -129,10 +145,8 @@ class MiniCPMV(nn.Module):
         zeros = jnp.zeros(tokens.shape, jnp.int32)
         step = ModelBatch(input_ids=tokens, attention_mask=ones, positions=zeros, visual_index=zeros,
                           visual_mask=~ones, loss_mask=~ones)
-        logits, out = self(step, cache={"layers": cache.layers, "lengths": cache.lengths}, _decode=True,
-                           _active=active, _logits_dtype=jnp.float32)
-        new = out["cache"]
-        return logits[:, 0], cache.replace(layers=new["layers"], lengths=new["lengths"], empty=False)
+        logits, out = self(step, cache=_text_cache(cache), _decode=True, _active=active, _logits_dtype=jnp.float32)
+        return logits[:, 0], _new_cache(cache, out["cache"])
 
     @nn.compact
     def __call__(self, batch: ModelBatch, *, cache=None, last_logits_only: bool = False, compute_logits: bool = True,

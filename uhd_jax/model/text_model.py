@@ -15,6 +15,9 @@ Modes (all return `(logits, out)`, `out` a dict of named intermediates):
     overflowed; callers refuse such requests beforehand (`uhd_jax.infer`).
   - decode: `decode=True`, one token per row, `cache` from prefill or the previous step; rows where `active`
     is False keep their cache unchanged.
+  With visual cuts (`cuts`): prefill into an empty cache only; the cache dict then also carries "visual" [B, T]
+  (head cut) and "text_lengths" [B] (layer drop: layers >= drop_layer hold the text tokens only, compacted), see
+  `uhd_jax.infer.cache.DecodeCache`; decode continues it with the logits of the no-cache cut forward.
 Padding layouts accepted (`attention_mask` [B, S] bool): each row's real tokens contiguous, either first (right
 padding: the packer's) or last (left padding: `Processor.pad(padding_side="left")`, transformers' batched
 generation), or anywhere in between with padding on both sides. The model rotates each row so that its real
@@ -42,10 +45,11 @@ from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_delta
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
 from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
-from uhd_jax.model.visual_attention import (build_visual_index, kv_proj_columns, merge_tokens, normalize_heads,
-                                            o_proj_rows, q_proj_columns, split_tokens, visual_attention_core)
-from uhd_jax.model.visual_cuts import (Cuts, LayerCuts, VisualLayout, gather_rows, scatter_back, segments,
-                                       text_plan)
+from uhd_jax.model.visual_attention import (active_kv_groups, build_visual_index, kv_proj_columns, merge_tokens,
+                                            normalize_heads, o_proj_rows, q_proj_columns, split_tokens,
+                                            visual_attention_core)
+from uhd_jax.model.visual_cuts import (Cuts, LayerCuts, VisualLayout, gather_rows, layer_cuts, scatter_back,
+                                       segments, text_plan)
 from uhd_jax.parallel.axes import TOKEN_ACTIVATIONS, constrain, with_axes
 
 Dtype = Any
@@ -103,8 +107,16 @@ class FullAttention(nn.Module):
                                     param_dtype=self.param_dtype, name=name)
         c = self.cut
         if (c is not None and (c.window is not None or c.active_heads is not None) and not self.decode
-                and cache is None and ctx.get("vindex") is not None and not self.is_initializing()):
-            return self._visual_cut_attention(x, ctx, norm("q_norm"), norm("k_norm")), None
+                and (cache is None or ctx["offset"] is None) and ctx.get("vindex") is not None
+                and not self.is_initializing()):
+            if cache is None:
+                return self._visual_cut_attention(x, ctx, norm("q_norm"), norm("k_norm")), None
+            # prefill into an empty cache: every token's K/V written from slot 0 (visual K/V of KV groups without an
+            # active head are never computed: zeros there, masked at decode)
+            y, k, v = self._visual_cut_attention(x, ctx, norm("q_norm"), norm("k_norm"), want_kv=True)
+            t = cache["k"].shape[1]
+            write = lambda c, new: jax.lax.dynamic_update_slice(c, new[:, :t].astype(c.dtype), (0, 0, 0, 0))
+            return y, {"k": write(cache["k"], k), "v": write(cache["v"], v)}
 
         q = Dense(n * h * (2 if gated else 1), ("embed", "heads"), name="q_proj", **kw)(x)
         if gated:  # per head: [query (h), gate (h)]
@@ -122,8 +134,13 @@ class FullAttention(nn.Module):
             write = lambda c, new: c.at[jnp.arange(bsz), ctx["write"]].set(new[:, 0].astype(c.dtype), mode="drop")
             kc, vc = write(cache["k"], k), write(cache["v"], v)
             new_cache = {"k": kc, "v": vc}
+            head_mask = None
+            if c is not None and c.active_heads is not None:  # cut (2): inactive heads see no visual key
+                inactive = np.ones(n, bool)
+                inactive[list(normalize_heads(c.active_heads, n))] = False
+                head_mask = ~(ctx["visual"][:, None, None, :] & jnp.asarray(inactive)[None, :, None, None])
             o = dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), kv_lengths=ctx["index"] + 1,
-                                      implementation=self.attention_impl)
+                                      mask=head_mask, implementation=self.attention_impl)
         elif cache is not None and ctx["offset"] is not None:  # continued prefill: after each row's cached tokens
             slots = ctx["offset"][:, None] + jnp.arange(s)  # [B, S]; slots >= T are dropped
             write = lambda c, new: c.at[jnp.arange(bsz)[:, None], slots].set(new.astype(c.dtype), mode="drop")
@@ -150,14 +167,15 @@ class FullAttention(nn.Module):
             o = o * nn.sigmoid(gate)
         return Dense(d, ("heads", "embed"), name="o_proj", **kw)(o), new_cache
 
-    def _visual_cut_attention(self, x, ctx, q_norm, k_norm):
+    def _visual_cut_attention(self, x, ctx, q_norm, k_norm, want_kv: bool = False):
         """Cuts (1) window and (2) heads, skipping the work (prefill without a cache; semantics and layout in
         `uhd_jax.model.visual_attention`): the tokens are split into the text slots [B, Tc] and the visual slots
         [B, Vc] of ctx["vindex"]; text rows go through the whole q/k/v/o projections, visual rows only through the
         q (and gate) columns of the layer's active heads, the k/v columns of the KV groups holding an active head and
         the o_proj rows of the active heads; attention on the compacted sets (`visual_attention_core`: no [S, S]
         scores for visual queries); merged back to [B, S, D] (padding positions 0; rows with too many text tokens
-        NaN)."""
+        NaN). want_kv: also return every token's K and V [B, S, K, H] (for a cache; visual tokens' K/V are zero in
+        the KV groups without an active head)."""
         cfg = self.config
         bsz, s, d = x.shape
         n, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -207,7 +225,14 @@ class FullAttention(nn.Module):
             ot, ov = ot * nn.sigmoid(gt), ov * nn.sigmoid(gv)
         yt = lin(ot, "o_proj")
         yv = lin(ov, "o_proj", rows=None if all_heads else o_proj_rows(n, hd, act))
-        return merge_tokens(yt, yv, ix, s).astype(dt)
+        y = merge_tokens(yt, yv, ix, s).astype(dt)
+        if not want_kv:
+            return y
+        if not all_heads:  # the visual K/V of the active KV groups into the full [K] layout, zeros elsewhere
+            grp = jnp.asarray(active_kv_groups(n, kh, act), jnp.int32)
+            full = lambda a: jnp.zeros(a.shape[:2] + (kh, hd), a.dtype).at[:, :, grp].set(a)
+            kv, vv = full(kv), full(vv)
+        return y, merge_tokens(kt, kv, ix, s), merge_tokens(vt, vv, ix, s)
 
 
 def _take(a, index: np.ndarray, axis: int):
@@ -243,7 +268,8 @@ class DecoderLayer(nn.Module):
             h, cache = FullAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.decode,
                                      cut=self.cut, name="self_attn")(h, ctx, cache)
         x = x + h
-        sliced = self.cut is not None and not self.cut.dropped and self.cut.ffn_width < cfg.intermediate_size
+        sliced = (self.cut is not None and not self.cut.dropped and self.cut.ffn_width < cfg.intermediate_size
+                  and not self.decode)  # decode tokens are text: the whole FFN
         x = x + MLP(cfg.intermediate_size, self.dtype, self.param_dtype,
                     visual_width=self.cut.ffn_width if sliced else None, name="mlp")(
             norm("post_attention_layernorm")(x), *((ctx["text"],) if sliced else ()))
@@ -254,7 +280,10 @@ class DecoderLayer(nn.Module):
 class DecoderBlock(nn.Module):
     """One period of `layer_types`; scanned. Returns (x, (new cache, hidden states [period, B, S, D])).
 
-    With the visual cuts (`cuts`, one LayerCuts per layer of the period; only without a cache): ctx["text"] holds
+    With the visual cuts (`cuts`, one LayerCuts per layer of the period; prefill without a cache or into an empty
+    one; at decode (`decode=True`) the token is text: no compaction, whole FFN, dropped layers read
+    ctx["compact"], their text-only cache length, and full-attention layers mask visual keys (ctx["visual"]) in
+    inactive heads): ctx["text"] holds
     the text plan (`visual_cuts.text_plan`), ctx["compact"] the context of the text-only sequence [B, T] used by
     dropped layers, whose input x is then [B, T, D]. enter_drop: the layer of this period where the visual tokens
     leave: its input is compacted to the text tokens here. Hidden states stay [B, S, D]: on dropped layers the
@@ -278,7 +307,7 @@ class DecoderBlock(nn.Module):
         for i, t in enumerate(self.layer_types):
             name = f"layer_{i}"
             cut = None if self.cuts is None else self.cuts[i]
-            if i == self.enter_drop:  # visual tokens leave: keep the text tokens only, in order
+            if i == self.enter_drop and not self.decode:  # visual tokens leave: keep the text tokens only, in order
                 base = x
                 x = constrain(gather_rows(x, ctx["text"][0]), TOKEN_ACTIVATIONS)
             dropped = cut is not None and cut.dropped
@@ -286,7 +315,7 @@ class DecoderBlock(nn.Module):
                                 self.decode, cut, name=name)(
                 x, ctx["compact"] if dropped else ctx, None if cache is None else cache[name])
             new_cache[name] = c
-            hidden.append(scatter_back(x, base, ctx["text"][2], ctx["text"][3]) if dropped else x)
+            hidden.append(scatter_back(x, base, ctx["text"][2], ctx["text"][3]) if dropped and not self.decode else x)
         return x, (None if cache is None else new_cache, jnp.stack(hidden))
 
 
@@ -349,7 +378,7 @@ class TextModel(nn.Module):
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {tuple(REMAT_POLICIES)}")
         cuts_on = self.cuts.any
         if cuts_on and not self.is_initializing():  # init runs the plain stack: the parameters are the same
-            self._check_cuts(cache, decode, segment_ids, text_slots, visual_layout, placed_mask)
+            self._check_cuts(cache, decode, segment_ids, text_slots, visual_layout, placed_mask, cache_empty)
         vocab, padded = cfg.vocab_size, cfg.padded_vocab_size  # parameters hold `padded` rows (tensor sharding)
         table = self.param("embed_tokens", with_axes(_zero_padded_vocab(nn.initializers.normal(0.02), vocab, 0),
                                                      ("vocab", "embed")), (padded, cfg.hidden_size), self.param_dtype)
@@ -403,15 +432,36 @@ class TextModel(nn.Module):
                "offset": offset}
         if segment_ids is not None:  # only then: the unpacked program is unchanged
             ctx["segments"] = segment_runs(segment_ids)
+        cut_cache = {}  # a cut model's extra cache entries ("visual", "text_lengths"), see DecodeCache
+        if cuts_on and decode and not self.is_initializing():
+            if cache.get("visual") is not None:  # cut (2): which slots hold visual keys
+                ctx["visual"] = cache["visual"].astype(bool)
+                cut_cache["visual"] = cache["visual"]
+            if cache.get("text_lengths") is not None:  # cut (3): layers >= drop_layer hold the text tokens only
+                tl = cache["text_lengths"]
+                cut_overflow = tl < 0  # the prompt had more text tokens than text_slots: its cache is incomplete
+                take = ~cut_overflow if active is None else active & ~cut_overflow
+                ctx["compact"] = dict(ctx, index=jnp.maximum(tl, 0),
+                                      write=jnp.where(take, tl, jnp.iinfo(jnp.int32).max))
+                cut_cache["text_lengths"] = tl + take.astype(tl.dtype)
 
         period = layer_period(cfg.layer_types)
         overflow = None
         if decode and UNSTACKED in self.variables.get("params", {}):
             h, new_layers, hidden = self._run_unstacked_decode(x, layers, ctx, period)
+        elif cuts_on and decode and not self.is_initializing():
+            h, new_layers, hidden = self._run_cut_decode(x, layers, ctx, period)
         elif cuts_on and not self.is_initializing():
-            h, hidden, overflow = self._run_cut_stack(x, ctx, attention_mask, placed_mask, text_slots, period,
-                                                      visual_layout)
-            new_layers = None
+            h, hidden, overflow, new_layers = self._run_cut_stack(x, ctx, attention_mask, placed_mask, text_slots,
+                                                                  period, visual_layout, layers)
+            if cache is not None:  # prefill into an empty cache (_check_cuts): the cut entries of the new cache
+                mask = jnp.ones((bsz, s), bool) if attention_mask is None else attention_mask
+                vis = jnp.zeros_like(mask) if placed_mask is None else mask & placed_mask.astype(bool)
+                if self.cuts.heads is not None:
+                    t = _cache_capacity(layers)
+                    cut_cache["visual"] = vis[:, :t] if s >= t else jnp.pad(vis, ((0, 0), (0, t - s)))
+                if self.cuts.drop_layer is not None:  # -1: more text tokens than text_slots (overflow; NaN logits)
+                    cut_cache["text_lengths"] = jnp.where(overflow, -1, (mask & ~vis).sum(-1).astype(jnp.int32))
         else:
             block = DecoderBlock
             if self.remat_policy != "none":
@@ -428,12 +478,14 @@ class TextModel(nn.Module):
         hidden = hidden.reshape((cfg.num_hidden_layers,) + hidden.shape[2:])
         for i in range(cfg.num_hidden_layers):
             out[f"layer_{i:02d}"] = back(hidden[i])
+        if decode and "text_lengths" in cut_cache:
+            overflow = cut_overflow  # decoding a row whose prompt overflowed its text slots: NaN, never garbage
         if overflow is not None:  # more text tokens than text_slots: never a silently truncated answer
             h = jnp.where(overflow[:, None, None], jnp.nan, h).astype(h.dtype)
         h = RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="norm")(h)
         if cache is not None:
-            out["cache"] = {"layers": new_layers, "lengths": new_lengths}
+            out["cache"] = {"layers": new_layers, "lengths": new_lengths, **cut_cache}
         if last_logits_only and not decode:
             last = jnp.maximum(chunk - 1, 0)[:, None, None]
             h_last = jnp.take_along_axis(h, last, axis=1)
@@ -466,20 +518,34 @@ class TextModel(nn.Module):
                              self.chunk, True, parent=None)
         hidden = []
         for g, p in enumerate(params):
+            if self.cuts.any:  # this block's cuts (decode: head mask on visual keys, dropped layers' text cache)
+                block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
+                                     self.chunk, True, parent=None,
+                                     cuts=tuple(layer_cuts(cfg, self.cuts, g * period + j) for j in range(period)))
             c = jax.tree.map(lambda a: a[g], layers)
             x, (new, hid) = block.apply({"params": p}, x, c, ctx)
             layers = jax.tree.map(lambda a, n: a.at[g].set(n.astype(a.dtype)), layers, new)
             hidden.append(hid)
         return x, layers, jnp.stack(hidden)
 
-    def _check_cuts(self, cache, decode, segment_ids, text_slots, visual_layout, placed_mask):
+    def _check_cuts(self, cache, decode, segment_ids, text_slots, visual_layout, placed_mask, cache_empty=False):
         cfg, cuts = self.config, self.cuts
         cuts.validate_for_model(cfg)
         on = [n for n, v in (("window", cuts.window), ("heads", cuts.heads), ("drop_layer", cuts.drop_layer),
                              ("ffn_ratio", cuts.ffn_ratio)) if v is not None]
-        if cache is not None or decode:
-            raise NotImplementedError(f"visual cuts with a KV cache are not implemented yet ({', '.join(on)} set); "
-                                      "prefill / decode need Cuts() for now")
+        if decode:  # decode tokens are text; the cache must come from a prefill with these cuts
+            for field, need in (("visual", cuts.heads is not None), ("text_lengths", cuts.drop_layer is not None)):
+                if need and cache.get(field) is None:
+                    raise ValueError(f"decode with visual cuts ({', '.join(on)}) needs a cache prefilled with them: "
+                                     f"its '{field}' entry is missing (DecodeCache.{field}; init_cache(..., "
+                                     "cuts=model.cuts) and MiniCPMV.prefill with the cut model fill it)")
+            return
+        if cache is not None and not cache_empty:
+            raise NotImplementedError(
+                f"continued prefill (a prefill into a cache that already holds tokens) with visual cuts "
+                f"({', '.join(on)} set) is not implemented: the new chunk's visual tokens would need the cached "
+                "text tokens of the dropped layers (compacted) and a per-head visual mask over cached and new keys; "
+                "prefill with cuts into an empty cache only (init_cache / DecodeCache.reset), or use Cuts()")
         if segment_ids is not None and cuts.drop_layer is not None:
             raise NotImplementedError("visual layer drop (drop_layer) with packed rows (segment_ids) is not "
                                       "implemented yet")
@@ -494,7 +560,33 @@ class TextModel(nn.Module):
             raise ValueError(f"the visual cuts ({', '.join(on)}) need batch.text_slots (the compact length of each "
                              "row's text tokens), set by the Packer: PackerConfig(text_slot_multiple=128)")
 
-    def _run_cut_stack(self, x, ctx, attention_mask, visual_mask, text_slots, period, visual_layout=None):
+    def _run_cut_decode(self, x, layers, ctx, period):
+        """One decode step of a cut model over the stacked parameters: a Python loop over `visual_cuts.segments`,
+        `jax.lax.scan` over the parameter and cache slices of each (as `_run_cut_stack`; nn.scan cannot run
+        different static settings on slices of one stack). The decode token is text: full FFN, no compaction;
+        the head cut masks visual keys in inactive heads (ctx["visual"]), dropped layers use ctx["compact"] (their
+        text-only cache length). Returns (h, new cache layers, hidden [blocks, period, B, 1, D])."""
+        cfg = self.config
+        params = nn.meta.unbox(self.variables["params"]["layers"])
+        new_layers, hidden = [], []
+        for seg in segments(cfg, self.cuts, period):
+            block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
+                                 self.chunk, True, cuts=seg.layers, parent=None)
+            part = lambda a, seg=seg: a[seg.start:seg.stop]
+
+            def step(h, pc, block=block):
+                h, (c, hid) = block.apply({"params": pc[0]}, h, pc[1], ctx)
+                return h, (c, hid)
+
+            x, (c, hid) = jax.lax.scan(step, x, (jax.tree.map(part, params), jax.tree.map(part, layers)))
+            new_layers.append(c)
+            hidden.append(hid)
+        new_layers = jax.tree.map(lambda *a: jnp.concatenate(a).astype(a[0].dtype), *new_layers)
+        new_layers = jax.tree.map(lambda old, new: new.astype(old.dtype), layers, new_layers)
+        return x, new_layers, jnp.concatenate(hidden)
+
+    def _run_cut_stack(self, x, ctx, attention_mask, visual_mask, text_slots, period, visual_layout=None,
+                       layers=None):
         """The decoder stack with visual cuts: a Python loop over `visual_cuts.segments` (runs of layer periods with
         identical settings), `jax.lax.scan` over the stacked parameters inside each. Written by hand rather than
         with nn.scan because nn.scan scans one module over the whole `layers` axis with one static configuration,
@@ -503,7 +595,10 @@ class TextModel(nn.Module):
         are created by the ordinary nn.scan path at init. With cuts (1) window / (2) heads the visual index
         (`visual_attention.build_visual_index`, int work) is built here once and read by every full-attention layer
         from ctx["vindex"] (without placed visual tokens it is not built: the cuts have nothing to act on).
-        Returns (h, hidden [layers, B, S, D], overflow [B])."""
+        layers: an EMPTY cache's layers (prefill; DeltaNet states zero) or None: layers before drop_layer write
+        every token's K/V from slot 0 and the DeltaNet state over all tokens, dropped layers the text tokens' K/V
+        compacted to slots 0 .. n_text-1 and the state of the text-only recurrence.
+        Returns (h, hidden [layers, B, S, D], overflow [B], new cache layers or None)."""
         cfg = self.config
         bsz, s, _ = x.shape
         mask = jnp.ones((bsz, s), bool) if attention_mask is None else attention_mask
@@ -524,28 +619,45 @@ class TextModel(nn.Module):
         params = nn.meta.unbox(self.variables["params"]["layers"])
         types = cfg.layer_types[:period]
         policy = REMAT_POLICIES[self.remat_policy]
-        hidden, base = [], None
+        hidden, base, new_layers = [], None, []
         for seg in segments(cfg, self.cuts, period):
             block = DecoderBlock(cfg, types, self.dtype, self.param_dtype, self.attention_impl, self.chunk,
                                  cuts=seg.layers, enter_drop=seg.enter_drop, parent=None)
-            body = lambda p, h, c, block=block: block.apply({"params": p}, h, None, c)
+            body = lambda p, h, lc, c, block=block: block.apply({"params": p}, h, lc, c)
             if policy is not None:  # as nn.remat on the block in the nn.scan path
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            part = lambda a, seg=seg: a[seg.start:seg.stop]
+            seg_cache = None if layers is None else jax.tree.map(part, layers)
             if seg.enter_drop is not None:  # one period: the carried sequence shrinks here
                 x_in = x
-                x, (_, hid) = body(jax.tree.map(lambda a: a[seg.start], params), x, ctx)
+                x, (lc, hid) = body(jax.tree.map(lambda a: a[seg.start], params), x,
+                                    None if seg_cache is None else jax.tree.map(lambda a: a[0], seg_cache), ctx)
                 base = x_in if seg.enter_drop == 0 else hid[seg.enter_drop - 1]
                 ctx = dict(ctx, base=base)
                 hidden.append(hid)
+                lc = None if lc is None else jax.tree.map(lambda a: a[None], lc)
             else:
-                step = lambda h, p, body=body, c=ctx: (lambda out: (out[0], out[1][1]))(body(p, h, c))
-                x, hid = jax.lax.scan(step, x, jax.tree.map(lambda a: a[seg.start:seg.stop], params),
-                                      unroll=self.scan_unroll)
+                step = lambda h, pc, body=body, c=ctx: (lambda out: (out[0], out[1]))(body(pc[0], h, pc[1], c))
+                x, (lc, hid) = jax.lax.scan(step, x, (jax.tree.map(part, params), seg_cache),
+                                            unroll=self.scan_unroll)
                 hidden.append(hid.reshape((-1,) + hid.shape[2:]))
+            new_layers.append(lc)
         if base is not None:  # text rows' final states back in place; visual rows keep what they left with
             x = scatter_back(x, base, slot, is_text)
         hidden = jnp.concatenate(hidden)[:, None]  # [layers, 1, B, S, D] as the nn.scan path's [groups, period, ...]
-        return x, hidden, count > text_slots
+        if layers is not None:
+            new_layers = jax.tree.map(lambda old, *new: jnp.concatenate(new).astype(old.dtype), layers, *new_layers)
+        else:
+            new_layers = None
+        return x, hidden, count > text_slots, new_layers
+
+
+def _cache_capacity(layers) -> int:
+    """T, the token slots of a cache's full-attention KV buffers [G, B, T, K, H]."""
+    for c in layers.values():
+        if "k" in c:
+            return c["k"].shape[2]
+    raise ValueError("the cache has no full-attention layer (no KV buffer to size the visual mask by)")
 
 
 UNSTACKED = "layers_unstacked"  # the text params' key for per-block parameters (`unstack_layers`)

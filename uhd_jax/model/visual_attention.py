@@ -34,7 +34,8 @@ logits (the same as a log-sum-exp merge of two partial softmaxes). Nothing [S, S
 
 Wired into the model (the full version below, projections included) by `text_model.FullAttention.
 _visual_cut_attention`, with the index built once per forward in `TextModel._run_cut_stack` from
-`visual_cuts.VisualLayout`; forward without a cache only. The wiring, in short:
+`visual_cuts.VisualLayout`; forward without a cache, or a prefill into an empty cache (then every token's K/V is
+written too; decode queries are text and only need the per-head visual-key mask of cut (2)). The wiring, in short:
     # once per forward, outside the layer scan (int work only), from the ModelBatch:
     index = build_visual_index(batch.visual_mask, batch.visual_index, batch.vision.grid, lengths,
                                levels=batch.vision.levels, out_tokens_per_view=batch.vision.out_tokens_per_view,
