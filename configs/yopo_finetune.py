@@ -14,41 +14,22 @@ The paper's schedule: one epoch of the stage-2 data, learning rate 2e-5 with cos
 JSONL lines as for minicpmv46_sft.py.
 """
 
-from uhd_jax.train.config import base_config, parse_arg
-from uhd_jax.train.optimizer import FREEZE_LLM, FREEZE_VISION
-
-FREEZE = {"vision": FREEZE_VISION, "llm": FREEZE_LLM, "none": ()}
+from uhd_jax.train.config import minicpmv46_finetune_config, parse_arg
 
 
 def get_config(arg=None):
     args = parse_arg(arg, window=5, mask="", drop=0.5, ffn=2, mode="16x", freeze="vision")
-    if args.freeze not in FREEZE:
-        raise ValueError(f"freeze must be one of {sorted(FREEZE)}, got {args.freeze!r}")
-    c = base_config()
-    c.model.name = "dir"
-    c.model.downsample_mode = args.mode
-    c.model.dtype = "bfloat16"
-    c.model.remat = "dots"
+    c = minicpmv46_finetune_config(args.freeze, args.mode)
     c.model.cuts.window = args.window
     c.model.cuts.head_mask = args.mask
     c.model.cuts.drop_fraction = args.drop
     c.model.cuts.ffn_ratio = args.ffn
 
-    c.data.source = "jsonl"
-    c.data.seq_len = 2048
-    c.data.views_per_row = 10
-    c.data.tokens_per_view = 1152 if args.mode == "16x" else 1160
-    c.data.num_workers = 8
-
     c.optimizer.learning_rate = 2e-5
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 30  # ~3% of the steps
     c.optimizer.weight_decay = 0.0
-    c.optimizer.frozen = FREEZE[args.freeze]
-
     c.train.steps = 1000
-    c.train.batch_size = 32
     c.train.checkpoint_every = 250
     c.train.eval_every = 250
-    c.mesh.fsdp = -1
     return c

@@ -102,6 +102,35 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def minicpmv46_finetune_config(freeze: str, mode: str) -> ml_collections.ConfigDict:
+    """What fine-tuning a converted MiniCPM-V 4.6 checkpoint on a JSONL conversation dataset needs whatever the
+    recipe (configs/minicpmv46_sft.py, configs/yopo_finetune.py): the architecture from init.checkpoint, bf16 with
+    remat "dots", 2048-token rows of up to 10 views, 8 grain workers, batch 32 over an fsdp mesh, and the freezing
+    preset `freeze` (vision: ViT and mergers frozen, as ms-swift does; llm: the LLM frozen, as the official MiniCPM-V
+    fine-tuning code does; none). The recipes set the optimizer and the step counts."""
+    from uhd_jax.train.optimizer import FREEZE_LLM, FREEZE_VISION
+
+    presets = {"vision": FREEZE_VISION, "llm": FREEZE_LLM, "none": ()}
+    if freeze not in presets:
+        raise ValueError(f"freeze must be one of {sorted(presets)}, got {freeze!r}")
+    c = base_config()
+    c.model.name = "dir"  # the architecture comes from init.checkpoint's config.json
+    c.model.downsample_mode = mode
+    c.model.dtype = "bfloat16"
+    c.model.remat = "dots"
+
+    c.data.source = "jsonl"
+    c.data.seq_len = 2048
+    c.data.views_per_row = 10  # thumbnail + up to 9 slices (max_slice_nums 9)
+    c.data.tokens_per_view = 1152 if mode == "16x" else 1160  # every view of an image with aspect < 9:1
+    c.data.num_workers = 8
+
+    c.optimizer.frozen = presets[freeze]
+    c.train.batch_size = 32
+    c.mesh.fsdp = -1
+    return c
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """`"k=v,k2=v2"` (the part after ':' in --config FILE:ARG) -> ConfigDict over `defaults`; values take the
     defaults' types; an unknown key is an error naming it."""
