@@ -37,11 +37,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@functools.lru_cache(maxsize=None)
-def _layout():
-    """Two chats with images of different sizes through the real Processor + Packer (4x mode, small slices): views
-    of 3x5, 6x3, 1x11 and 3x6 output tokens, text between and after them. Returns the batch arrays and, per
-    visual position, its view / row / col computed here from the views' pixel shapes."""
+def packed_chats(generation_prompt: bool):
+    """(samples, packed batch): two chats with images of different sizes through the real Processor + Packer (4x
+    mode, small slices), each ending with an assistant answer, or with the generation prompt (generation tests)."""
     from tests.data_utils import make_model_dir, random_image
     from uhd_jax.data.packer import Packer, PackerConfig
     from uhd_jax.data.processor import Processor
@@ -53,12 +51,23 @@ def _layout():
 
     def chat(images, q):
         parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": q}]
-        return p.encode_chat([{"role": "user", "content": parts}, {"role": "assistant", "content": "A cat."}])
+        user = {"role": "user", "content": parts}
+        if generation_prompt:
+            return p.encode_chat([user], add_generation_prompt=True)
+        return p.encode_chat([user, {"role": "assistant", "content": "A cat."}])
 
     samples = [chat([random_image(20, 30, 1), random_image(300, 140, 2)], "What is it?"),
                chat([random_image(60, 500, 3)], "Describe.")]
-    b = Packer(p, PackerConfig(batch_size=2, seq_buckets=(S,), tokens_per_view=72, views_per_row=5,
-                               text_slot_multiple=16)).pack(samples)
+    return samples, Packer(p, PackerConfig(batch_size=2, seq_buckets=(S,), tokens_per_view=72, views_per_row=5,
+                                           text_slot_multiple=16)).pack(samples)
+
+
+@functools.lru_cache(maxsize=None)
+def _layout():
+    """`packed_chats` with answers: views of 3x5, 6x3, 1x11 and 3x6 output tokens, text between and after them.
+    Returns the batch arrays and, per visual position, its view / row / col computed here from the views' pixel
+    shapes."""
+    samples, b = packed_chats(generation_prompt=False)
     vis = np.asarray(b.visual_mask, bool)
     view, row, col = (np.full((2, S), -1) for _ in range(3))
     for r, smp in enumerate(samples):

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_visual_cuts import ALL_DENSE, ALL_HYBRID, CHUNK, DENSE_HEADS, HYBRID_HEADS, S, _layout, _setup, rel
+from tests.test_visual_cuts import (ALL_DENSE, ALL_HYBRID, CHUNK, DENSE_HEADS, HYBRID_HEADS, S, _layout, _setup,
+                                    packed_chats, rel)
 from uhd_jax.compile_counter import count_compilations
 from uhd_jax.config import tiny_config
 from uhd_jax.data.batch import ModelBatch
@@ -142,26 +143,8 @@ def _mini():
 
 @functools.lru_cache(maxsize=None)
 def _vision_batch() -> ModelBatch:
-    """The packed batch of test_visual_cuts._layout with its vision arrays (same processor, same samples)."""
-    import tempfile
-
-    from tests.data_utils import make_model_dir, random_image
-    from uhd_jax.data.packer import Packer, PackerConfig
-    from uhd_jax.data.processor import Processor
-
-    with tempfile.TemporaryDirectory() as dd:
-        base = Processor.from_pretrained(make_model_dir(dd + "/model"))
-    p = Processor(base.tokenizer, base.slice_config.replace(downsample_mode="4x", max_slice_nums=4,
-                                                            scale_resolution=112), base.tokens)
-
-    def chat(images, q):
-        parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": q}]
-        return p.encode_chat([{"role": "user", "content": parts}], add_generation_prompt=True)
-
-    samples = [chat([random_image(20, 30, 1), random_image(300, 140, 2)], "What is it?"),
-               chat([random_image(60, 500, 3)], "Describe.")]
-    return Packer(p, PackerConfig(batch_size=2, seq_buckets=(S,), tokens_per_view=72, views_per_row=5,
-                                  text_slot_multiple=16)).pack(samples)
+    """The two chats of test_visual_cuts ending with the generation prompt, packed with their vision arrays."""
+    return packed_chats(generation_prompt=True)[1]
 
 
 def test_generator_with_cuts_greedy_matches_no_cache_forward():
