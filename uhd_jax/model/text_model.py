@@ -514,14 +514,12 @@ class TextModel(nn.Module):
         Returns (h, new cache layers, hidden [blocks, period, B, 1, D])."""
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"][UNSTACKED])
-        block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
-                             self.chunk, True, parent=None)
         hidden = []
         for g, p in enumerate(params):
-            if self.cuts.any:  # this block's cuts (decode: head mask on visual keys, dropped layers' text cache)
-                block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
-                                     self.chunk, True, parent=None,
-                                     cuts=tuple(layer_cuts(cfg, self.cuts, g * period + j) for j in range(period)))
+            # this block's cuts, if any (decode: head mask on visual keys, dropped layers' text-only cache)
+            cuts = tuple(layer_cuts(cfg, self.cuts, g * period + j) for j in range(period)) if self.cuts.any else None
+            block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
+                                 self.chunk, True, cuts=cuts, parent=None)
             c = jax.tree.map(lambda a: a[g], layers)
             x, (new, hid) = block.apply({"params": p}, x, c, ctx)
             layers = jax.tree.map(lambda a, n: a.at[g].set(n.astype(a.dtype)), layers, new)
@@ -573,16 +571,11 @@ class TextModel(nn.Module):
             block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
                                  self.chunk, True, cuts=seg.layers, parent=None)
             part = lambda a, seg=seg: a[seg.start:seg.stop]
-
-            def step(h, pc, block=block):
-                h, (c, hid) = block.apply({"params": pc[0]}, h, pc[1], ctx)
-                return h, (c, hid)
-
+            step = lambda h, pc, block=block: block.apply({"params": pc[0]}, h, pc[1], ctx)
             x, (c, hid) = jax.lax.scan(step, x, (jax.tree.map(part, params), jax.tree.map(part, layers)))
             new_layers.append(c)
             hidden.append(hid)
-        new_layers = jax.tree.map(lambda *a: jnp.concatenate(a).astype(a[0].dtype), *new_layers)
-        new_layers = jax.tree.map(lambda old, new: new.astype(old.dtype), layers, new_layers)
+        new_layers = jax.tree.map(lambda old, *new: jnp.concatenate(new).astype(old.dtype), layers, *new_layers)
         return x, new_layers, jnp.concatenate(hidden)
 
     def _run_cut_stack(self, x, ctx, attention_mask, visual_mask, text_slots, period, visual_layout=None,
@@ -637,7 +630,7 @@ class TextModel(nn.Module):
                 hidden.append(hid)
                 lc = None if lc is None else jax.tree.map(lambda a: a[None], lc)
             else:
-                step = lambda h, pc, body=body, c=ctx: (lambda out: (out[0], out[1]))(body(pc[0], h, pc[1], c))
+                step = lambda h, pc, body=body, c=ctx: body(pc[0], h, pc[1], c)
                 x, (lc, hid) = jax.lax.scan(step, x, (jax.tree.map(part, params), seg_cache),
                                             unroll=self.scan_unroll)
                 hidden.append(hid.reshape((-1,) + hid.shape[2:]))
