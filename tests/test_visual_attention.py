@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from uhd_jax.data.batch import round_text_slots, text_count
 from uhd_jax.model import visual_attention as va
 
 LEVELS = 2
@@ -220,8 +221,9 @@ def test_text_between_views_is_seen_by_later_views_only():
 
 def test_text_overflow_gives_nan_and_text_slots_needed():
     d = make_batch(ROWS, S)
-    need = va.text_slots_needed(d["lengths"], d["visual_mask"])
-    assert need == 9 and va.text_slots_needed(d["lengths"], d["visual_mask"], multiple=8) == 16
+    real = np.arange(S)[None, :] < np.asarray(d["lengths"])[:, None]
+    need = int(text_count(real, d["visual_mask"]).max())  # what the packer rounds up into ModelBatch.text_slots
+    assert need == 9 and round_text_slots(need, 8, S) == 16
     q, k, v = qkv(S)
     bad = np.asarray(window_attn(q, k, v, index_of(d, 3, text_slots=need - 1)))
     assert np.isnan(bad[0]).all() and np.isfinite(bad[1]).all()  # row 0 has 9 text tokens, row 1 has 8

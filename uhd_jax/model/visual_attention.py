@@ -18,8 +18,8 @@ How the work is skipped, with static shapes. A row's tokens are split into two c
   capacity (the encoder already computed Vr * T_out tokens per row), so no new static argument is needed, and
   the window's neighbours are direct slot arithmetic: view * T_out + (row + dr) * cols + (col + dc).
 - text slots [B, Tc]: the row's real non-visual tokens in sequence order. Tc = `text_slots` (static; None = S,
-  always enough but then text queries are not compacted). The host picks it per batch (`text_slots_needed`,
-  rounded up to a bucket to bound recompiles). A row with more text tokens than Tc cannot be computed: all its
+  always enough but then text queries are not compacted). The host picks it per batch (`ModelBatch.text_slots`,
+  set by the Packer: the fullest row's count rounded up to a bucket to bound recompiles). A row with more text tokens than Tc cannot be computed: all its
   outputs are NaN (loud), never silently wrong.
 Then (per batch row and head, N heads, h active, w window):
   text queries, active heads:   Tc x (Tc + Vc) scores (all keys, causal by position);
@@ -132,16 +132,6 @@ def check_window(window) -> None:
                                or window < 1 or window % 2 == 0):
         raise ValueError(f"window must be None or an odd positive int (a square centred on the query), "
                          f"got {window!r}")
-
-
-def text_slots_needed(lengths, visual_mask, multiple: int = 1) -> int:
-    """Host side: the smallest text capacity for a batch (real non-visual tokens of its fullest row), rounded up
-    to `multiple` (a bucket, to bound recompiles); at least 1."""
-    _check_int("multiple", multiple, 1)
-    vm = np.asarray(visual_mask, bool)
-    real = np.arange(vm.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    n = int(max(1, (real & ~vm).sum(1).max(initial=0)))
-    return -(-n // multiple) * multiple
 
 
 def build_visual_index(visual_mask, visual_index, vision_grid, lengths, *, levels: int, out_tokens_per_view: int,
