@@ -102,6 +102,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def cuts_enabled(c: ml_collections.ConfigDict) -> bool:
+    """Some visual cut is switched on in `model.cuts` (the model then needs the packer's text slots)."""
+    k = c.model.cuts
+    return bool(k.window or k.head_mask or k.drop_fraction or k.ffn_ratio > 1)
+
+
 def minicpmv46_finetune_config(freeze: str, mode: str) -> ml_collections.ConfigDict:
     """What fine-tuning a converted MiniCPM-V 4.6 checkpoint on a JSONL conversation dataset needs whatever the
     recipe (configs/minicpmv46_sft.py, configs/yopo_finetune.py): the architecture from init.checkpoint, bf16 with
@@ -177,8 +183,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     need(0.0 <= k.drop_fraction <= 1.0, "model.cuts.drop_fraction", f"must be in [0, 1], got {k.drop_fraction}")
     need(k.ffn_ratio >= 1, "model.cuts.ffn_ratio", f"must be >= 1 (1: off), got {k.ffn_ratio}")
     need(k.text_slot_multiple >= 1, "model.cuts.text_slot_multiple", f"must be >= 1, got {k.text_slot_multiple}")
-    cuts_on = k.window or k.head_mask or k.drop_fraction or k.ffn_ratio > 1
-    need(not cuts_on or c.data.source != "random", "model.cuts",
+    need(not cuts_enabled(c) or c.data.source != "random", "model.cuts",
          "the visual cuts need the packer's text slots: data.source synthetic_ocr, jsonl or tfds, not random")
     need(not k.head_mask or os.path.isfile(k.head_mask), "model.cuts.head_mask",
          f"no such file {k.head_mask!r} (write it with python -m uhd_jax.yopo calibrate)")

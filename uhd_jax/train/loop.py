@@ -35,7 +35,7 @@ from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
 from uhd_jax.model.text_flops import text_forward_flops
 from uhd_jax.model.visual_cuts import Cuts, load_head_mask
 from uhd_jax.parallel.mesh import batch_rows_divisor, global_batch, initialize_distributed, make_mesh
-from uhd_jax.train.config import check_config
+from uhd_jax.train.config import check_config, cuts_enabled
 from uhd_jax.train.optimizer import make_optimizer, make_schedule
 from uhd_jax.train.step import abstract_train_state, init_train_state, loss_fn, make_train_step
 
@@ -174,7 +174,7 @@ def make_data(cfg: ModelConfig, c, *, processor=None, held_out: bool = False):
 
     packer = PackerConfig(batch_size=per_host, seq_buckets=(c.data.seq_len,), tokens_per_view=c.data.tokens_per_view,
                           views_per_row=c.data.views_per_row, overflow=c.data.overflow, pack=bool(c.data.pack),
-                          text_slot_multiple=c.model.cuts.text_slot_multiple if model_cuts(c, cfg).any else None)
+                          text_slot_multiple=c.model.cuts.text_slot_multiple if cuts_enabled(c) else None)
     return make_batches(_source(c, held_out=held_out, seed=seed), processor, packer, batch_size_per_host=per_host, seed=seed,
                         num_workers=0 if held_out else c.data.num_workers, max_bad_fraction=c.data.max_bad_fraction)
 
