@@ -9,7 +9,13 @@ Then, on held-out synthetic images (a seed never trained on), the exact-match ac
 decoding reproduces the reference answer exactly iff, at every answer position (the closing <|im_end|>
 included), the argmax given the reference prefix is the reference token: so exact match is computed from one
 teacher-forced forward pass per batch, no decode loop needed. Also the per-token accuracy and the held-out loss.
-Writes OUT/<arm>/ (the trainer's workdir), OUT/loss_curves.png (matplotlib), OUT/results.md and OUT/results.json.
+Writes OUT/<arm>/ (the trainer's workdir and its result.json), and once every arm has a result,
+OUT/loss_curves.png (matplotlib), OUT/results.md and OUT/results.json.
+
+The arms can run as separate processes at the same time (one GPU holds both small models): `--arms slice` and
+`--arms global` with the same OUT and options, then `--report` writes the combined table. `--train-seconds T` stops
+an arm's training after T seconds the way a preemption does (SIGTERM: the trainer saves its checkpoint and returns),
+and the arm is scored at the step it reached (recorded in the table).
 
     python3 experiments/ocr_ablation.py --out /tmp/ocr --steps 3000 --batch 32 --workers 12   # a GPU: minutes
     python3 experiments/ocr_ablation.py --out /tmp/ocr --steps 20 --batch 4 --eval 16       # smoke test, CPU
@@ -20,7 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,8 +53,11 @@ EVAL_SEED = 987_654  # held-out images: neither the training stream (seed 0) nor
 def arm_config(args, arm: str, scale_resolution: int = 0):
     c = get_config("data=synthetic_ocr")
     c.model.name = "small"
+    c.model.downsample_mode = args.mode
+    if args.mode == "4x":  # 4x the visual tokens of 16x: 5 views x 80 + the text must fit a row
+        c.data.seq_len = 512
     c.model.dtype = "bfloat16" if args.bf16 else "float32"
-    c.data.ocr_max_words, c.data.ocr_max_word_len = args.words, args.word_len
+    c.data.ocr_max_words, c.data.ocr_max_word_len, c.data.ocr_chars = args.words, args.word_len, args.chars
     c.data.ocr_font_min, c.data.ocr_font_max = args.font_min, args.font_max
     c.data.ocr_photo_fraction = args.photo_fraction
     c.data.num_workers = args.workers
@@ -68,6 +80,7 @@ def ocr_source(c, n: int) -> SyntheticOCRSource:
     """n held-out records with the config's task settings."""
     d = c.data
     return SyntheticOCRSource(n, seed=EVAL_SEED, max_words=d.ocr_max_words, max_word_len=d.ocr_max_word_len,
+                              chars=d.ocr_chars,
                               font_sizes=(d.ocr_font_min, d.ocr_font_max), photo_fraction=d.ocr_photo_fraction)
 
 
@@ -173,10 +186,21 @@ def main():
     p.add_argument("--arms", default="slice,global")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 by default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chars", default="digits", help="the alphabet: alnum, digits, upper or lower")
+    p.add_argument("--mode", default="4x", choices=("4x", "16x"), help="the merger's downsampling")
+    p.add_argument("--train-seconds", type=float, default=0, help="stop training after this long (0: no limit)")
+    p.add_argument("--report", action="store_true", help="only combine the arms' results under OUT")
     args = p.parse_args()
+    if args.report:
+        report(args.out, {"args": vars(args)})
+        return
     arms = args.arms.split(",")
     if any(a not in ("slice", "global") for a in arms):
         p.error(f"--arms: each arm must be 'slice' or 'global', got {args.arms!r}")
+    from uhd_jax.data.synthetic_ocr import CHARSETS
+
+    if args.chars not in CHARSETS:
+        p.error(f"--chars must be one of {sorted(CHARSETS)}, got {args.chars!r}")
     for arm in arms:  # a run left in OUT would be resumed by the trainer and its losses mixed into this table
         if os.path.exists(os.path.join(args.out, arm, "checkpoints")):
             p.error(f"--out {args.out}: {arm}/ already holds a run; use a new directory")
@@ -185,7 +209,7 @@ def main():
 
     from uhd_jax.data.tiny_tokenizer import write_tiny_model_dir  # only the processor files, for the budgets
 
-    budget_dir = os.path.join(args.out, "budget_model")
+    budget_dir = tempfile.mkdtemp(prefix="ocr_budget_")  # per process: arms may run side by side on one OUT
     c_slice = arm_config(args, "slice")
     write_tiny_model_dir(budget_dir, model_config(c_slice))
     sizes = image_sizes(c_slice, args.budget_records)
@@ -198,27 +222,47 @@ def main():
     for arm in arms:
         c = arm_config(args, arm, res)
         t = time.perf_counter()
+        timer = None
+        if args.train_seconds:  # a preemption at the deadline: the trainer saves and returns
+            timer = threading.Timer(args.train_seconds, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.start()
         summary = train(c, os.path.join(args.out, arm))
+        if timer is not None:
+            timer.cancel()  # scoring must not be killed by a late timer
         r = evaluate(c, os.path.join(args.out, arm), args.eval)
-        r.update(train_seconds=time.perf_counter() - t, first_loss=summary["first_loss"],
-                 last_loss=summary["last_loss"], views_per_row=c.data.views_per_row,
-                 tokens_per_view=c.data.tokens_per_view)
-        results[arm] = r
+        losses = [json.loads(line)["loss"] for line in open(os.path.join(args.out, arm, "metrics.jsonl"))]
+        r.update(train_seconds=time.perf_counter() - t, planned_steps=args.steps,
+                 preempted=bool(summary.get("preempted")), first_loss=losses[0], last_loss=losses[-1],
+                 views_per_row=c.data.views_per_row, tokens_per_view=c.data.tokens_per_view,
+                 visual_tokens=slice_mean if arm == "slice" else global_mean)
+        with open(os.path.join(args.out, arm, "result.json"), "w") as f:
+            json.dump(r, f, indent=1)
         print(f"{arm}: {json.dumps(r)}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    report(args.out, results)
+
+
+def report(out: str, results: dict):
+    """The combined table, JSON and plot, once every arm under OUT has its result.json."""
+    arms = [a for a in ("slice", "global") if os.path.exists(os.path.join(out, a, "result.json"))]
+    if not arms:
+        print(f"no arm under {out} has a result.json yet")
+        return
+    for arm in arms:
+        results[arm] = json.load(open(os.path.join(out, arm, "result.json")))
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lines = ["| arm | visual tokens / image | train loss first -> last | held-out loss | token accuracy | "
-             "exact match (greedy) |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | visual tokens / image | steps | train loss first -> last | held-out loss | token accuracy | "
+             "exact match (greedy) |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         r = results[arm]
-        tok = slice_mean if arm == "slice" else global_mean
-        lines.append(f"| {arm} | {tok:.1f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['heldout_loss']:.3f} "
+        lines.append(f"| {arm} | {r['visual_tokens']:.1f} | {r['step']} of {r['planned_steps']} | "
+                     f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} | {r['heldout_loss']:.3f} "
                      f"| {100 * r['token_accuracy']:.1f}% | {100 * r['exact_match']:.1f}% of {r['records']} |")
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    plot(args.out, arms)
+    plot(out, arms)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,17 @@ def test_synthetic_ocr_variety_and_requests(proc):
         np.unique(np.asarray(plain).reshape(-1, 3), axis=0))
 
 
+def test_synthetic_ocr_alphabets():
+    texts = {name: "".join(SyntheticOCRSource(40, seed=2, chars=name).render(i)[1] for i in range(40))
+             for name in ("digits", "upper", "lower", "alnum")}
+    assert set(texts["digits"]) == set("0123456789 ")  # 40 records: every digit occurs
+    assert set(texts["upper"]) - {" "} <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ") and len(set(texts["upper"])) > 15
+    assert set(texts["lower"]) - {" "} <= set("abcdefghijklmnopqrstuvwxyz") and len(set(texts["lower"])) > 15
+    assert any(ch.isupper() for ch in texts["alnum"]) and any(ch.isdigit() for ch in texts["alnum"])
+    with pytest.raises(ValueError, match="chars must be one of"):
+        SyntheticOCRSource(4, chars="greek")
+
+
 # --------------------------------------------------------------------------------------------- tiny model dir
 
 

@@ -5,7 +5,7 @@ process and every run. Images vary in size and aspect ratio (each side `min_side
 `max_aspect`), the background is a colour gradient or (a `photo_fraction` of the time) a crop of a photograph
 shipped in scikit-image (astronaut, coffee, chelsea, rocket; `photos=ALL_PHOTOS` adds page, a scan of printed
 text, which makes the question ambiguous), and the text is 1..`max_words` words of
-letters and digits in a small font (PIL's built-in FreeType font, `ImageFont.load_default(size=...)`, Pillow >=
+letters and digits (or one of the smaller alphabets of `CHARSETS`) in a small font (PIL's built-in FreeType font, `ImageFont.load_default(size=...)`, Pillow >=
 10.1). Small text in a large image is what slicing is for: the thumbnail alone cannot read it.
 """
 
@@ -20,6 +20,10 @@ from PIL import Image, ImageDraw, ImageFont
 from uhd_jax.data.processor import DEFAULT_SPECIAL_TOKENS, SampleRequest
 
 CHARS = string.ascii_letters + string.digits
+# the alphabets a record's words are drawn from (`chars=`): fewer symbols make an easier task (a small model learns
+# to read digits in far fewer steps than 62 case-sensitive symbols)
+CHARSETS = {"alnum": CHARS, "digits": string.digits, "upper": string.ascii_uppercase,
+            "lower": string.ascii_lowercase}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 # skimage's page() is a scan of printed text: as a background it would make "the text in the image" ambiguous
 ALL_PHOTOS = PHOTOS + ("page",)
@@ -56,7 +60,7 @@ class SyntheticOCRSource:
 
     def __init__(self, num_records: int, seed: int = 0, *, min_side: int = 64, max_side: int = 800,
                  max_aspect: float = 4.0, photo_fraction: float = 0.3, font_sizes: tuple[int, int] = (10, 24),
-                 max_words: int = 4, max_word_len: int = 8, question: str = QUESTION,
+                 max_words: int = 4, max_word_len: int = 8, chars: str = "alnum", question: str = QUESTION,
                  photos: tuple[str, ...] = PHOTOS, image_token: str = DEFAULT_SPECIAL_TOKENS["image_token"]):
         if num_records < 1:
             raise ValueError(f"num_records must be >= 1, got {num_records}")
@@ -70,6 +74,8 @@ class SyntheticOCRSource:
             raise ValueError(f"font_sizes must be (lo, hi) with {_MIN_FONT} <= lo <= hi, got {font_sizes}")
         if max_words < 1 or max_word_len < 1:
             raise ValueError("max_words and max_word_len must be >= 1")
+        if chars not in CHARSETS:
+            raise ValueError(f"chars must be one of {sorted(CHARSETS)}, got {chars!r}")
         bad = [p for p in photos if p not in ALL_PHOTOS]
         if bad or (photo_fraction > 0 and not photos):
             raise ValueError(f"photos must be a non-empty subset of {ALL_PHOTOS}, got {photos}")
@@ -79,6 +85,7 @@ class SyntheticOCRSource:
         self.photo_fraction = float(photo_fraction)
         self.font_sizes = (int(font_sizes[0]), int(font_sizes[1]))
         self.max_words, self.max_word_len = int(max_words), int(max_word_len)
+        self.chars = chars
         self.question = question
         self.photos = tuple(photos)
         self.image_token = image_token
@@ -105,7 +112,7 @@ class SyntheticOCRSource:
         rng = np.random.default_rng([self.seed, i])
         w, h = self._size(rng)
         img = self._background(rng, w, h)
-        words = ["".join(rng.choice(list(CHARS), int(rng.integers(1, self.max_word_len + 1))))
+        words = ["".join(rng.choice(list(CHARSETS[self.chars]), int(rng.integers(1, self.max_word_len + 1))))
                  for _ in range(int(rng.integers(1, self.max_words + 1)))]
         size = int(rng.integers(self.font_sizes[0], self.font_sizes[1] + 1))
         lines, font = self._layout(words, size, w, h)

@@ -145,7 +145,7 @@ def _source(c, *, held_out: bool, seed: int):
     d = c.data
     if d.source == "synthetic_ocr":
         return sources.SyntheticOCRSource(d.synthetic_records, seed=seed, max_words=d.ocr_max_words,
-                                          max_word_len=d.ocr_max_word_len,
+                                          max_word_len=d.ocr_max_word_len, chars=d.ocr_chars,
                                           font_sizes=(d.ocr_font_min, d.ocr_font_max),
                                           photo_fraction=d.ocr_photo_fraction)
     if d.source == "jsonl":
