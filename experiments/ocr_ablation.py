@@ -59,6 +59,7 @@ def arm_config(args, arm: str, scale_resolution: int = 0):
     c.model.dtype = "bfloat16" if args.bf16 else "float32"
     c.data.ocr_max_words, c.data.ocr_max_word_len, c.data.ocr_chars = args.words, args.word_len, args.chars
     c.data.ocr_font_min, c.data.ocr_font_max = args.font_min, args.font_max
+    c.data.ocr_min_side, c.data.ocr_max_side = args.min_side, args.max_side
     c.data.ocr_photo_fraction = args.photo_fraction
     c.data.num_workers = args.workers
     c.train.steps, c.train.batch_size = args.steps, args.batch
@@ -80,7 +81,7 @@ def ocr_source(c, n: int) -> SyntheticOCRSource:
     """n held-out records with the config's task settings."""
     d = c.data
     return SyntheticOCRSource(n, seed=EVAL_SEED, max_words=d.ocr_max_words, max_word_len=d.ocr_max_word_len,
-                              chars=d.ocr_chars,
+                              chars=d.ocr_chars, min_side=d.ocr_min_side, max_side=d.ocr_max_side,
                               font_sizes=(d.ocr_font_min, d.ocr_font_max), photo_fraction=d.ocr_photo_fraction)
 
 
@@ -179,6 +180,8 @@ def main():
     p.add_argument("--word-len", type=int, default=6, help="characters per word (1..n)")
     p.add_argument("--font-min", type=int, default=10, help="font size range in px")
     p.add_argument("--font-max", type=int, default=24)
+    p.add_argument("--min-side", type=int, default=64, help="image side range in px")
+    p.add_argument("--max-side", type=int, default=800)
     p.add_argument("--photo-fraction", type=float, default=0.3, help="share of images drawn on a photograph")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes")
     p.add_argument("--eval", type=int, default=512, help="held-out records scored")

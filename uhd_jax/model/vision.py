@@ -158,7 +158,10 @@ class VisionTower(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out = {}
         x = Dense(cfg.hidden_size, ("patch", "embed"), name="patch_embedding", **kw)(patches)
-        table = self.param("position_embedding", with_axes(nn.initializers.normal(1.0), ("positions", "embed")),
+        # std 1/sqrt(width) as the reference's SigLIP init: a std-1 table buries a from-scratch ViT's patch content
+        # (std ~0.4) under position noise, and the LLM learns to ignore the visual tokens
+        table = self.param("position_embedding",
+                           with_axes(nn.initializers.normal(cfg.hidden_size ** -0.5), ("positions", "embed")),
                            (cfg.positions_per_side ** 2, cfg.hidden_size), self.param_dtype)
         x = x + jnp.take(table, pos_ids, axis=0).astype(self.dtype)
         out["embeddings"] = x

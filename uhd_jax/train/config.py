@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.ocr_max_words = 4  # synthetic_ocr: words per image (1..n)
     c.data.ocr_max_word_len = 8  # synthetic_ocr: characters per word (1..n)
     c.data.ocr_chars = "alnum"  # synthetic_ocr: the alphabet: alnum (62 symbols), digits, upper or lower
+    c.data.ocr_min_side = 64  # synthetic_ocr: image sides in px (each in [min, max], aspect up to 4)
+    c.data.ocr_max_side = 800
     c.data.ocr_font_min = 10  # synthetic_ocr: font size range in px
     c.data.ocr_font_max = 24
     c.data.ocr_photo_fraction = 0.3  # synthetic_ocr: share of images drawn on a photograph (else a gradient)
@@ -173,6 +175,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     from uhd_jax.data.synthetic_ocr import CHARSETS
 
     need(c.data.ocr_chars in CHARSETS, "data.ocr_chars", f"must be one of {sorted(CHARSETS)}, got {c.data.ocr_chars!r}")
+    need(16 <= c.data.ocr_min_side <= c.data.ocr_max_side, "data.ocr_min_side",
+         f"need 16 <= ocr_min_side <= ocr_max_side, got {c.data.ocr_min_side}, {c.data.ocr_max_side}")
     need(8 <= c.data.ocr_font_min <= c.data.ocr_font_max, "data.ocr_font_min",
          f"need 8 <= ocr_font_min <= ocr_font_max, got {c.data.ocr_font_min}, {c.data.ocr_font_max}")
     need(0.0 <= c.data.ocr_photo_fraction <= 1.0, "data.ocr_photo_fraction", "must be in [0, 1]")

@@ -146,6 +146,7 @@ def _source(c, *, held_out: bool, seed: int):
     if d.source == "synthetic_ocr":
         return sources.SyntheticOCRSource(d.synthetic_records, seed=seed, max_words=d.ocr_max_words,
                                           max_word_len=d.ocr_max_word_len, chars=d.ocr_chars,
+                                          min_side=d.ocr_min_side, max_side=d.ocr_max_side,
                                           font_sizes=(d.ocr_font_min, d.ocr_font_max),
                                           photo_fraction=d.ocr_photo_fraction)
     if d.source == "jsonl":
