@@ -22,8 +22,8 @@ Measured (median of --repeats after a warm-up call, `jax.block_until_ready`), pe
 Ratios are against `none`; the LLM FLOPs ratio is (llm_text_flops + llm_visual_flops) with / without the cuts
 (`uhd_jax.yopo.flops`, exact window area). Prints a table; writes JSON (--out, default $OUT/bench_yopo.json when
 OUT is set).
-Not covered: decoding. The cuts are implemented for the forward without a cache only (prefill with a KV cache and
-decode steps with cuts raise NotImplementedError), so only the prefill is timed.
+Not covered: decoding (decode tokens are text: the cuts change only which cached visual keys a head sees and how
+many the dropped layers hold).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 masked softmax attention written here from the definition (float64 numpy, the allowed [S, S] mask built by brute
 force from each token's view / row / col as the test lays them out)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,6 +196,38 @@ def test_head_cut_matches_dense(window, active):
     assert rel_err(got, ref, d) <= 1e-5
     for n in set(range(N)) - set(active):  # visual outputs of inactive heads are exactly 0
         assert not got[..., n, :][d["visual_mask"]].any()
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
+def _fused_full(q, k, v, ix, lengths, act):
+    """head_cut_fused (the model's path for cut (2) without the window) on full-layout arrays, like
+    va.head_cut_attention: the visual queries / keys of the active heads / groups only."""
+    groups = va.active_kv_groups(N, K, act) if act else ()
+    (qt, qv), (kt, kv), (vt, vv) = va.split_tokens(q, ix), va.split_tokens(k, ix), va.split_tokens(v, ix)
+    ot, ov = va.head_cut_fused(qt, kt, vt, qv[:, :, list(act)], kv[:, :, list(groups)], vv[:, :, list(groups)], ix,
+                               active_heads=act, seq_len=q.shape[1], lengths=lengths, implementation="xla")
+    full = jnp.zeros(ov.shape[:2] + (N, H), ov.dtype)
+    if act:
+        full = full.at[:, :, list(act)].set(ov)
+    return va.merge_tokens(ot, full, ix, q.shape[1])
+
+
+@pytest.mark.parametrize("active", [(), (0,), (1, 2), (3, 0, 2), (0, 1, 2, 3)])
+def test_head_cut_fused_matches_dense(active):
+    """Cut (2) without the window on the fused kernel (two causal attention calls): the same function as the
+    definition, with groups partly active (expanded KV heads), whole groups (GQA as is), and none."""
+    act = va.normalize_heads(active, N)
+    d = make_batch(ROWS, S)
+    q, k, v = qkv(S, seed=1)
+    ix = index_of(d, None, text_slots=12)
+    got = np.asarray(_fused_full(q, k, v, ix, jnp.asarray(d["lengths"]), act))
+    ref = dense_reference(q, k, v, allowed_mask(d, None, set(active)))
+    assert rel_err(got, ref, d) <= 1e-5
+    for n in set(range(N)) - set(active):
+        assert not got[..., n, :][d["visual_mask"]].any()
+    # a row with more text tokens than text slots: NaN throughout, the other row unaffected
+    bad = np.asarray(_fused_full(q, k, v, index_of(d, None, text_slots=8), jnp.asarray(d["lengths"]), act))
+    assert np.isnan(bad[0]).all() and np.isfinite(bad[1]).all()
 
 
 def test_packed_segments():

@@ -45,7 +45,8 @@ from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_delta
 from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
 from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
-from uhd_jax.model.visual_attention import (active_kv_groups, build_visual_index, kv_proj_columns, merge_tokens,
+from uhd_jax.model.visual_attention import (active_kv_groups, build_visual_index, head_cut_fused, kv_proj_columns,
+                                            merge_tokens,
                                             normalize_heads, o_proj_rows, q_proj_columns, split_tokens,
                                             visual_attention_core)
 from uhd_jax.model.visual_cuts import (Cuts, LayerCuts, VisualLayout, gather_rows, layer_cuts, scatter_back,
@@ -219,7 +220,11 @@ class FullAttention(nn.Module):
 
         qt, kt, vt, gt = qkv(xt, n, None, None, kh, ct, st)
         qv, kv, vv, gv = qkv(xv, len(act), qcols, kvcols, groups, cv, sv)
-        ot, ov = visual_attention_core(qt, kt, vt, qv, kv, vv, ix, active_heads=act)
+        if ix.nbr is None and ctx.get("segments") is None:  # heads alone: two causal sets, the fused kernel
+            ot, ov = head_cut_fused(qt, kt, vt, qv, kv, vv, ix, active_heads=act, seq_len=s, lengths=ctx["lengths"],
+                                    implementation=self.attention_impl)
+        else:
+            ot, ov = visual_attention_core(qt, kt, vt, qv, kv, vv, ix, active_heads=act)
         ot, ov = ot.reshape(ot.shape[:2] + (n * hd,)), ov.reshape(ov.shape[:2] + (len(act) * hd,))
         if gated:
             ot, ov = ot * nn.sigmoid(gt), ov * nn.sigmoid(gv)
