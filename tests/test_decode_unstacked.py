@@ -10,7 +10,7 @@ import pytest
 
 from uhd_jax.config import tiny_config
 from uhd_jax.model.gated_deltanet import ChunkOptions
-from uhd_jax.model.text_model import UNSTACKED, TextModel, init_cache, unstack_layers
+from uhd_jax.model.text_model import UNSTACKED, TextModel, init_cache, stack_cache, unstack_cache, unstack_layers
 
 
 def _setup(model_type):
@@ -58,3 +58,26 @@ def test_text_model_of_an_unbound_minicpmv():
     params = text.init(jax.random.key(0), ids)["params"]
     logits, _ = text.apply({"params": params}, ids)
     assert logits.shape[:2] == (1, 4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3"])
+def test_per_block_cache_decode_equals_stacked(model_type):
+    """The decode loops carry the cache per block (`unstack_cache`): same logits and, restacked, the same cache
+    bit for bit as the stacked cache; and no block's arrays are sliced out of a stack and written back."""
+    cfg, model, params, cache = _setup(model_type)
+    flat = unstack_layers(params)
+    step = jax.jit(lambda p, t, c, a: model.apply({"params": p}, t, cache=c, decode=True, active=a))
+    tok = jnp.array([[5], [7], [11]])
+    active = jnp.array([True, False, True])
+    want, w_out = step(flat, tok, cache, active)
+    blocks = dict(cache, layers=unstack_cache(cache["layers"]))
+    got, g_out = step(flat, tok, blocks, active)
+    assert isinstance(g_out["cache"]["layers"], tuple) and len(g_out["cache"]["layers"]) == len(flat[UNSTACKED])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 stack_cache(g_out["cache"]["layers"]), w_out["cache"]["layers"])
+    assert stack_cache(cache["layers"]) is cache["layers"] and unstack_cache(blocks["layers"]) is blocks["layers"]
+    # the stacked form writes each block back into [G, ...] buffers (dynamic-update-slice); the per-block form not
+    hlo = lambda c: step.lower(flat, tok, c, active).compile().as_text()
+    assert hlo(cache).count("dynamic-update-slice(") > 0
+    assert hlo(blocks).count("dynamic-update-slice(") < hlo(cache).count("dynamic-update-slice(")

@@ -27,7 +27,7 @@ from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.infer.engine import CacheCapacityError, decode_variables
 from uhd_jax.infer.sampling import seen_from_ids
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
-from uhd_jax.model.text_model import check_padding
+from uhd_jax.model.text_model import check_padding, unstack_cache
 
 
 @dataclasses.dataclass
@@ -66,6 +66,7 @@ class BeamGenerator:
         logits, cache = model.apply(variables, batch, cache, method=MiniCPMV.prefill)
 
         step_vars = decode_variables(params)
+        cache = cache.replace(layers=unstack_cache(cache.layers))  # carried per block through the beam loop
 
         def step(c: DecodeCache, tok):
             return model.apply(step_vars, tok, c, method=MiniCPMV.decode_step)

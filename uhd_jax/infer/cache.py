@@ -20,6 +20,10 @@ One `DecodeCache` holds, for B rows and a capacity of T token slots:
     attends inside the new tokens only and writes the buffers from slot 0. A cache coming out of `prefill`,
     `decode_step` or `insert` is never empty, so a prefill on it appends (continued prefill).
 
+Inside a decode loop the engines carry `layers` per block (`text_model.unstack_cache`: a tuple of G dicts without
+the leading axis, so no step copies a block's states out of the stack and back) and restack it after the loop;
+`insert` and `take` accept either form.
+
 Rows are independent: `insert` writes rows of one cache into slots of another (continuous batching: a request is
 prefilled alone, then takes a free slot while the other slots keep decoding).
 """
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 
 from uhd_jax.config import ModelConfig, TextConfig
 from uhd_jax.model.text_model import init_cache as _init_text_cache
+from uhd_jax.model.text_model import stack_cache, unstack_cache
 from uhd_jax.model.visual_cuts import Cuts
 
 
@@ -71,8 +76,12 @@ class DecodeCache:
             raise ValueError("cannot insert rows of a cache made for other visual cuts (visual / text_lengths "
                              "fields differ): create both with init_cache(..., cuts=model.cuts)")
         slots = jnp.asarray(slots, jnp.int32).reshape(-1)
-        layers = jax.tree.map(lambda big, small: big.at[:, slots].set(small.astype(big.dtype)), self.layers,
-                              rows.layers)
+        if isinstance(self.layers, tuple):  # per-block layers (a decode loop's form): batch is axis 0
+            layers = jax.tree.map(lambda big, small: big.at[slots].set(small.astype(big.dtype)), self.layers,
+                                  unstack_cache(rows.layers))
+        else:
+            layers = jax.tree.map(lambda big, small: big.at[:, slots].set(small.astype(big.dtype)), self.layers,
+                                  stack_cache(rows.layers))
         put = lambda big, small: None if big is None else big.at[slots].set(small.astype(big.dtype))
         return self.replace(layers=layers, lengths=self.lengths.at[slots].set(rows.lengths), empty=False,
                             visual=put(self.visual, rows.visual), text_lengths=put(self.text_lengths,
@@ -82,7 +91,9 @@ class DecodeCache:
         """The cache of rows `rows` [n] int (e.g. one conversation out of a batch, to continue it alone)."""
         rows = jnp.asarray(rows, jnp.int32).reshape(-1)
         pick = lambda a: None if a is None else a[rows]
-        return self.replace(layers=jax.tree.map(lambda a: a[:, rows], self.layers), lengths=self.lengths[rows],
+        ax = 0 if isinstance(self.layers, tuple) else 1  # per-block layers (`unstack_cache`): batch is axis 0
+        return self.replace(layers=jax.tree.map(lambda a: jnp.take(a, rows, axis=ax), self.layers),
+                            lengths=self.lengths[rows],
                             visual=pick(self.visual), text_lengths=pick(self.text_lengths))
 
 

@@ -50,7 +50,7 @@ from uhd_jax.data.batch import ModelBatch, check_text_slots
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.infer.cache import DecodeCache, init_cache
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
-from uhd_jax.model.text_model import check_padding, unstack_layers
+from uhd_jax.model.text_model import check_padding, stack_cache, unstack_cache, unstack_layers
 
 RUNNING, STOP, LENGTH, CACHE_FULL = 0, 1, 2, 3
 FINISH_REASONS = {STOP: "stop", LENGTH: "length", CACHE_FULL: "cache_full"}
@@ -171,8 +171,11 @@ def _decode_loop(model, variables, st: DecodeState, *, pick_fn, stop_ids, stream
         st = st.replace(cache=cache, done=st.done | full, reason=jnp.where(full, CACHE_FULL, st.reason))
         return _record(st, _pick(pick_fn, st, logits), feed, stop_ids, stream), i + 1
 
+    # the loop carries the cache per block (one copy in, one out: per call of the SlotEngine's decode program,
+    # which runs until a row finishes), so no step slices a block's DeltaNet states out of the stack and back
+    st = st.replace(cache=st.cache.replace(layers=unstack_cache(st.cache.layers)))
     st, _ = jax.lax.while_loop(cond, body, (st, jnp.zeros((), jnp.int32)))
-    return st
+    return st.replace(cache=st.cache.replace(layers=stack_cache(st.cache.layers)))
 
 
 def row_keys(key, b: int):

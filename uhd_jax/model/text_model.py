@@ -516,20 +516,27 @@ class TextModel(nn.Module):
         weight out of the stack inside the decode loop, which XLA materialises as a copy before every matrix
         product (H100, full-size model: 181 copies, 2.3 ms of a 5.8 ms step at batch 32). The cache stays stacked
         [blocks, ...]; each block's new entries are written in place (`.at[g].set`). Same function as the scan.
+        Cache layers either stacked or per block (`unstack_cache`, what the engines' decode loops carry: slicing a
+        block's DeltaNet states out of the stack and writing them back cost 60 copies per step, 1.0 ms of a 3.8 ms
+        step at batch 32 on an H100); the new cache comes back in the same form.
         Returns (h, new cache layers, hidden [blocks, period, B, 1, D])."""
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"][UNSTACKED])
-        hidden = []
+        per_block = isinstance(layers, tuple)  # `unstack_cache`: each block's own arrays, nothing sliced or copied
+        hidden, blocks = [], []
         for g, p in enumerate(params):
             # this block's cuts, if any (decode: head mask on visual keys, dropped layers' text-only cache)
             cuts = tuple(layer_cuts(cfg, self.cuts, g * period + j) for j in range(period)) if self.cuts.any else None
             block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
                                  self.chunk, True, cuts=cuts, parent=None)
-            c = jax.tree.map(lambda a: a[g], layers)
+            c = layers[g] if per_block else jax.tree.map(lambda a: a[g], layers)
             x, (new, hid) = block.apply({"params": p}, x, c, ctx)
-            layers = jax.tree.map(lambda a, n: a.at[g].set(n.astype(a.dtype)), layers, new)
+            if per_block:
+                blocks.append(jax.tree.map(lambda a, n: n.astype(a.dtype), c, new))
+            else:
+                layers = jax.tree.map(lambda a, n: a.at[g].set(n.astype(a.dtype)), layers, new)
             hidden.append(hid)
-        return x, layers, jnp.stack(hidden)
+        return x, tuple(blocks) if per_block else layers, jnp.stack(hidden)
 
     def _check_cuts(self, cache, decode, segment_ids, text_slots, visual_layout, placed_mask, cache_empty=False):
         cfg, cuts = self.config, self.cuts
@@ -651,14 +658,31 @@ class TextModel(nn.Module):
 
 
 def _cache_capacity(layers) -> int:
-    """T, the token slots of a cache's full-attention KV buffers [G, B, T, K, H]."""
-    for c in layers.values():
+    """T, the token slots of a cache's full-attention KV buffers [G, B, T, K, H] (or per block [B, T, K, H])."""
+    per_block = isinstance(layers, tuple)
+    for c in (layers[0] if per_block else layers).values():
         if "k" in c:
-            return c["k"].shape[2]
+            return c["k"].shape[1 if per_block else 2]
     raise ValueError("the cache has no full-attention layer (no KV buffer to size the visual mask by)")
 
 
 UNSTACKED = "layers_unstacked"  # the text params' key for per-block parameters (`unstack_layers`)
+
+
+def unstack_cache(layers) -> tuple:
+    """Cache layers {"layer_i": {...: [G, B, ...]}} -> a tuple of G per-block dicts ({...: [B, ...]}), the form a
+    decode loop carries (see `TextModel._run_unstacked_decode`); `stack_cache` is the inverse. One copy each way."""
+    if isinstance(layers, tuple):
+        return layers
+    g = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, g=g: a[g], layers) for g in range(g))
+
+
+def stack_cache(layers) -> dict:
+    """Inverse of `unstack_cache` (a stacked dict is returned as it is)."""
+    if not isinstance(layers, tuple):
+        return layers
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
 
 def unstack_layers(text_params) -> dict:
