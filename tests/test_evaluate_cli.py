@@ -65,6 +65,7 @@ def test_summary_equals_scores_by_hand(files, capsys):
     for k, v in by_hand.items():
         assert rows[k]["score"] == pytest.approx(v)
     assert summary["count"] == 5 and summary["failures"] == 2 and summary["metric"] == "anls"
+    assert summary["visual_cuts"] == "none"
     assert summary["score"] == pytest.approx(100 * sum(by_hand.values()) / 5)
     assert f"{summary['score']:.2f}" in printed and "failures" in printed
 
@@ -77,18 +78,21 @@ def test_summary_equals_scores_by_hand(files, capsys):
 
 
 def test_tfds_with_beam_search(files, tmp_path):
-    """--tfds (a prepared array_record dataset, tfds.data_source) with --num-beams 2: every record answered."""
+    """--tfds (a prepared array_record dataset, tfds.data_source) with --num-beams 2 and two visual cuts: every
+    record answered, the summary records the cuts."""
     from tests.test_sources import _build_tfds
 
     b = _build_tfds(tmp_path / "tfds")
     out = str(tmp_path / "tfds_preds.jsonl")
     assert evaluate.main(["--checkpoint", files["ckpt"], "--tfds", b.data_dir, "--split", "test", "--metric",
-                          "exact_match", "--output", out, "--num-beams", "2", *FLAGS]) == 0
+                          "exact_match", "--output", out, "--num-beams", "2", *FLAGS, "--cuts-drop-fraction", "0.5",
+                          "--cuts-ffn-ratio", "2"]) == 0
     rows = read_jsonl(out)
     assert sorted(r["id"] for r in rows) == [0, 1] and all("prediction" in r for r in rows)
     assert all(r["answers"][0].startswith("answer ") for r in rows)
     summary = json.load(open(str(tmp_path / "tfds_preds.summary.json")))
     assert summary["count"] == 2 and summary["failures"] == 0 and "beam search (2 beams)" in summary["decoding"]
+    assert summary["visual_cuts"] == "visual tokens dropped from layer 4, visual ffn / 2"
 
 
 @pytest.mark.parametrize("extra, needle", [

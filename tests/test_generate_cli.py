@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.cli_utils import FLAGS, make_checkpoint, read_jsonl, write_images, write_jsonl
@@ -168,3 +169,73 @@ def test_our_bugs_stop_the_run_and_a_bad_seed_is_an_error_row(files, monkeypatch
     monkeypatch.setattr(cli, "build_sample", broken)
     with pytest.raises(TypeError, match="a bug in our code"):
         generate.main(base)
+
+
+def _head_mask(path):
+    """Half the heads of the tiny model's full-attention layers inactive for visual tokens."""
+    from uhd_jax.config import tiny_config
+    from uhd_jax.model.visual_cuts import save_head_mask
+
+    text = tiny_config().text
+    mask = np.ones((text.num_hidden_layers, text.num_attention_heads), bool)
+    for i, t in enumerate(text.layer_types):
+        if t == "full_attention":
+            mask[i, 1::2] = False
+    save_head_mask(path, mask)
+    return path
+
+
+CUT_FLAGS = ["--cuts-window", "3", "--cuts-drop-fraction", "0.5", "--cuts-ffn-ratio", "2"]
+
+
+def test_visual_cuts_from_the_command_line(files, capsys):
+    """The four cuts from the flags reach the model (the same Cuts as the trainer builds from the same settings),
+    and the prompt path (Generator), a file run (SlotEngine) and beam search with one beam give the same greedy
+    answer under them; the summary line names the cuts."""
+    from uhd_jax.model.visual_cuts import Cuts
+
+    im, d = files["images"], files["dir"]
+    mask = _head_mask(os.path.join(d, "heads.npz"))
+    flags = CUT_FLAGS + ["--cuts-head-mask", mask, "--temperature", "0", "--max-new-tokens", "6"]
+    args = generate.parser().parse_args(["--checkpoint", files["ckpt"], "--image", im["a"], "--prompt", "What?"]
+                                        + flags)
+    setup = cli.load_setup(args)
+    want = Cuts.from_settings(setup.cfg.text, window=3, head_mask=mask, drop_fraction=0.5, ffn_ratio=2)
+    assert setup.model.cuts == want and want.window == 3 and want.drop_layer == 4 and want.ffn_ratio == 2
+    assert [h for h in want.heads if h is not None] == [(0, 2), (0, 2)]
+    dec = cli.decoding(args, setup.generation_config, use_generation_config=True)
+    text = generate.run_prompt(setup, args, dec, out=io.StringIO())
+
+    src = write_jsonl(os.path.join(d, "cut.jsonl"), [
+        {"id": "c", "image": im["a"], "conversations": [{"role": "user", "content": "<image>\nWhat?"}]}])
+    for extra, name in (([], "cut_out.jsonl"), (["--num-beams", "1"], "cut_beam.jsonl")):
+        dst = os.path.join(d, name)
+        assert generate.main(["--checkpoint", files["ckpt"], "--input", src, "--output", dst] + flags + extra) == 0
+        (row,) = read_jsonl(dst)
+        assert row["prediction"] == text, (name, row)
+    assert "visual cuts: window 3, heads cut on 2 layers, visual tokens dropped from layer 4, visual ffn / 2" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--cuts-window", "4"], "--cuts-*): window must be 0 (off) or an odd int"),
+    (["--cuts-drop-fraction", "1.5"], "drop_fraction must be in [0, 1)"),
+    (["--cuts-ffn-ratio", "0"], "argument --cuts-ffn-ratio: must be >= 1"),
+    (["--cuts-head-mask", "/nonexistent/heads.npz"], "head mask /nonexistent/heads.npz: no such file"),
+    (["--cuts-head-mask", "CORRUPT"], "not a head-mask .npz"),
+    (["--cuts-head-mask", "WRONG_SHAPE"], "expected [layers, heads] = [8, 4]"),
+])
+def test_bad_cut_flags_are_usage_errors(files, capsys, extra, needle):
+    d = files["dir"]
+    if "CORRUPT" in extra:
+        with open(os.path.join(d, "corrupt.npz"), "wb") as f:
+            f.write(b"not a zip file")
+        extra = ["--cuts-head-mask", os.path.join(d, "corrupt.npz")]
+    if "WRONG_SHAPE" in extra:
+        np.savez(os.path.join(d, "wrong.npz"), mask=np.ones((3, 4), bool))
+        extra = ["--cuts-head-mask", os.path.join(d, "wrong.npz")]
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--checkpoint", files["ckpt"], "--prompt", "hi"] + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err

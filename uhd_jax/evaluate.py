@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         os.path.normpath(args.tfds)) + "_" + args.split
     output = args.output or f"{name}.{args.metric}.predictions.jsonl"
     setup, dec = cli.setup_or_usage_error(p, args, use_generation_config=False)
-    print(f"{setup.model_dir}: {dec.describe()}; {args.metric} on {args.data or args.tfds}", file=sys.stderr)
+    print(f"{setup.model_dir}: {dec.describe()}; visual cuts: {setup.model.cuts.describe()}; {args.metric} on "
+          f"{args.data or args.tfds}", file=sys.stderr)
     done = cli.read_done_ids(output) if args.resume else set()
     skip = lambda rid: json.dumps(rid) in done  # noqa: E731
     try:
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
                      total=max(total - len(done), 0), on_result=on_result)
     summary = summarize(args.metric, cli.read_jsonl(output))
     summary.update(data=args.data or f"tfds:{args.tfds}/{args.split}", checkpoint=args.checkpoint,
-                   decoding=dec.describe(), predictions=output)
+                   decoding=dec.describe(), visual_cuts=setup.model.cuts.describe(), predictions=output)
     path = os.path.splitext(output)[0] + ".summary.json"
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)

@@ -109,6 +109,7 @@ def run_prompt(setup: cli.Setup, args, dec: cli.Decoding, out=None) -> str:
 
     from uhd_jax.data.layout import patches_per_token
     from uhd_jax.data.packer import Packer, PackerConfig
+    from uhd_jax.infer.engine import text_slot_multiple
     from uhd_jax.infer.engine import Generator, greedy
     from uhd_jax.infer.sampler import make_pick_fn, stack_params
 
@@ -119,7 +120,8 @@ def run_prompt(setup: cli.Setup, args, dec: cli.Decoding, out=None) -> str:
     unit = patches_per_token(sc.downsample_mode, sc.merger_times)
     most = max((h * w for h, w in sample.view_grids), default=unit)
     batch = Packer(proc, PackerConfig(batch_size=1, seq_buckets=(len(sample),), views_per_row=sample.num_views,
-                                      tokens_per_view=-(-most // unit) * unit)).pack([sample])
+                                      tokens_per_view=-(-most // unit) * unit,
+                                      text_slot_multiple=text_slot_multiple(setup.model))).pack([sample])
     capacity = args.capacity or len(sample) + dec.max_new_tokens
     out = sys.stdout if out is None else out
     if dec.num_beams > 1:
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_args(p, args)
     setup, dec = cli.setup_or_usage_error(p, args, use_generation_config=True)
-    print(f"{setup.model_dir}: {dec.describe()}", file=sys.stderr)
+    print(f"{setup.model_dir}: {dec.describe()}; visual cuts: {setup.model.cuts.describe()}", file=sys.stderr)
     if args.prompt is not None:
         try:
             run_prompt(setup, args, dec)

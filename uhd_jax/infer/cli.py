@@ -124,6 +124,15 @@ def add_model_flags(p: argparse.ArgumentParser):
                         "prefill pays for all of them in the vision encoder)")
     p.add_argument("--tokens-per-view", type=positive_int, default=None, metavar="N",
                    help="patch slots per view (default: 9/8 of scale_resolution^2 / patch^2, rounded up)")
+    g = p.add_argument_group("visual cuts (the paper 'Treat Visual Tokens as Text?'; README: Visual savings)")
+    g.add_argument("--cuts-window", type=non_negative_int, default=0, metavar="W",
+                   help="(1) a visual query sees the visual keys in a W x W window of its view (odd; 0: off)")
+    g.add_argument("--cuts-head-mask", default="", metavar="MASK.npz",
+                   help="(2) the active heads of `python -m uhd_jax.yopo calibrate` ('': off)")
+    g.add_argument("--cuts-drop-fraction", type=non_negative_float, default=0.0, metavar="F",
+                   help="(3) visual tokens leave the sequence at layer round(F x layers) (0: off)")
+    g.add_argument("--cuts-ffn-ratio", type=positive_int, default=1, metavar="R",
+                   help="(4) visual tokens use the first intermediate_size / R FFN neurons (1: off)")
     p.add_argument("--image-root", default=None, metavar="DIR",
                    help="relative image paths in JSONL records are relative to this (default: the file's folder)")
 
@@ -150,13 +159,20 @@ def load_setup(args) -> Setup:
     from uhd_jax.data.processor import Processor
     from uhd_jax.infer.chat import ChatTemplate
     from uhd_jax.model.minicpmv import MiniCPMV
+    from uhd_jax.model.visual_cuts import Cuts
 
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
     model_dir = model_files_dir(args.checkpoint)
     cfg, params = load_checkpoint(args.checkpoint)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    model = MiniCPMV(cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, param_dtype=jnp.float32)
+    try:
+        cuts = Cuts.from_settings(cfg.text, window=args.cuts_window, head_mask=args.cuts_head_mask,
+                                  drop_fraction=args.cuts_drop_fraction, ffn_ratio=args.cuts_ffn_ratio)
+    except ValueError as e:
+        raise ValueError(f"visual cuts (--cuts-*): {e}") from e
+    model = MiniCPMV(cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, param_dtype=jnp.float32,
+                     cuts=cuts)
     overrides = {}
     if args.downsample_mode is not None:
         overrides["downsample_mode"] = args.downsample_mode
@@ -416,10 +432,11 @@ def run_items(setup: Setup, args, dec: Decoding, items: Iterable[Item], on_resul
 
     if dec.num_beams > 1:
         from uhd_jax.infer.beam_generate import BeamGenerator
-        from uhd_jax.infer.engine import CacheCapacityError
+        from uhd_jax.infer.engine import CacheCapacityError, text_slot_multiple
 
         packer = Packer(proc, PackerConfig(batch_size=1, seq_buckets=buckets, views_per_row=views,
-                                           tokens_per_view=tokens))
+                                           tokens_per_view=tokens,
+                                           text_slot_multiple=text_slot_multiple(setup.model)))
         gen = BeamGenerator(setup.model, num_beams=dec.num_beams, eos_token_ids=proc.eos_token_ids,
                             pad_token_id=proc.pad_token_id, repetition_penalty=dec.repetition_penalty)
         for item in items:

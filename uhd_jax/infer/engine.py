@@ -143,6 +143,12 @@ def _start(st: DecodeState, logits, pick_fn, stop_ids, stream) -> DecodeState:
     return _record(st, _pick(pick_fn, st, logits), ~st.done, stop_ids, stream)
 
 
+def text_slot_multiple(model) -> int | None:
+    """The packer's `text_slot_multiple` for prompts of `model`: a model with visual cuts needs ModelBatch.text_slots
+    (rounded up to 128: few programs); without cuts None, and the batches are as before the cuts existed."""
+    return 128 if model.cuts.any else None
+
+
 def decode_variables(params) -> dict:
     """The variables a decode loop applies `MiniCPMV.decode_step` with: the LLM's layer weights split per block
     (`text_model.unstack_layers`, one copy before the loop), so no step slices them out of the stack."""
@@ -331,10 +337,9 @@ class SlotEngine:
         self.pick_fn, self.sampling_defaults = pick_fn, sampling_defaults
         self.cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
         self.steps_per_sync = steps_per_sync
-        # a cut model needs ModelBatch.text_slots (rounded to 128: few programs); without cuts the packer is as before
         self.packer = Packer(processor, PackerConfig(batch_size=1, seq_buckets=tuple(prompt_buckets),
                                                      views_per_row=views_per_row, tokens_per_view=tokens_per_view,
-                                                     text_slot_multiple=128 if model.cuts.any else None))
+                                                     text_slot_multiple=text_slot_multiple(model)))
         self.prompt_width = max(prompt_buckets)
         self.queue: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}  # slot -> request

@@ -126,6 +126,45 @@ class Cuts:
                       for i, t in enumerate(cfg.layer_types))
         return cls(heads=heads, **other).validate(cfg)
 
+    @classmethod
+    def from_settings(cls, cfg: TextConfig, *, window: int = 0, head_mask: str = "", drop_fraction: float = 0.0,
+                      ffn_ratio: int = 1) -> "Cuts":
+        """The cuts as users set them (the trainer's `model.cuts` fields, the generate / evaluate flags): window
+        (odd, 0 off), head_mask (a calibration .npz path, "" off; its mask already keeps every head on the layers
+        it spares), drop_fraction (visual tokens leave at layer round(fraction x layers), 0 off), ffn_ratio
+        (visual FFN width / r, 1 off). ValueError names the setting."""
+        if not isinstance(window, numbers.Integral) or window < 0 or (window and window % 2 == 0):
+            raise ValueError(f"window must be 0 (off) or an odd int >= 1, got {window!r}")
+        if not 0.0 <= drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1) (0: off), got {drop_fraction!r}")
+        if not isinstance(ffn_ratio, numbers.Integral) or ffn_ratio < 1:
+            raise ValueError(f"ffn_ratio must be an int >= 1 (1: off), got {ffn_ratio!r}")
+        drop = round(drop_fraction * cfg.num_hidden_layers) if drop_fraction else None
+        other = dict(window=int(window) or None, ffn_ratio=int(ffn_ratio) if ffn_ratio > 1 else None,
+                     drop_layer=drop)
+        if not head_mask:
+            return cls(**other).validate(cfg)
+        if not os.path.isfile(head_mask):
+            raise ValueError(f"head mask {head_mask}: no such file")
+        mask = load_head_mask(head_mask)  # its errors name the file
+        try:
+            return cls.from_head_mask(mask, cfg, first_layer=0, **other)
+        except ValueError as e:
+            raise ValueError(f"head mask {head_mask}: {e}") from e
+
+    def describe(self) -> str:
+        """One line for logs and result files, e.g. "window 5, heads on 4 layers, drop from layer 12, ffn / 2"."""
+        on = []
+        if self.window is not None:
+            on.append(f"window {self.window}")
+        if self.heads is not None:
+            on.append(f"heads cut on {sum(h is not None for h in self.heads)} layers")
+        if self.drop_layer is not None:
+            on.append(f"visual tokens dropped from layer {self.drop_layer}")
+        if self.ffn_ratio is not None:
+            on.append(f"visual ffn / {self.ffn_ratio}")
+        return ", ".join(on) or "none"
+
 
 class LayerCuts(NamedTuple):
     """What the cuts do on one layer (hashable).
@@ -232,7 +271,15 @@ def save_head_mask(path: str | os.PathLike, mask, cfg: TextConfig | None = None)
 
 def load_head_mask(path: str | os.PathLike) -> np.ndarray:
     """The [layers, heads] bool array written by `save_head_mask`."""
-    with np.load(path) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except OSError:
+        raise
+    except Exception as e:  # a corrupt or foreign file: name it
+        raise ValueError(f"{path}: not a head-mask .npz ({type(e).__name__}: {e})") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a head-mask .npz (a single array; save_head_mask writes an .npz)")
+    with f:
         if "mask" not in f:
             raise ValueError(f"{path}: no 'mask' array (a head mask file holds mask [layers, heads] bool)")
         m = f["mask"]

@@ -33,7 +33,7 @@ from uhd_jax.data.synthetic import RandomBatches
 from uhd_jax.model.flops import vision_flops
 from uhd_jax.model.minicpmv import MiniCPMV, check_visual_placement
 from uhd_jax.model.text_flops import text_forward_flops
-from uhd_jax.model.visual_cuts import Cuts, load_head_mask
+from uhd_jax.model.visual_cuts import Cuts
 from uhd_jax.parallel.mesh import batch_rows_divisor, global_batch, initialize_distributed, make_mesh
 from uhd_jax.train.config import check_config, cuts_enabled
 from uhd_jax.train.optimizer import make_optimizer, make_schedule
@@ -75,13 +75,10 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 def model_cuts(c: ml_collections.ConfigDict, cfg: ModelConfig) -> Cuts:
     """The config's visual cuts (`model.cuts`) for this model, validated (errors name the key)."""
-    k, text = c.model.cuts, cfg.text
-    other = dict(window=k.window or None, ffn_ratio=k.ffn_ratio if k.ffn_ratio > 1 else None,
-                 drop_layer=round(k.drop_fraction * text.num_hidden_layers) if k.drop_fraction else None)
+    k = c.model.cuts
     try:
-        if k.head_mask:  # the calibration's mask already keeps every head on the layers it spares
-            return Cuts.from_head_mask(load_head_mask(k.head_mask), text, first_layer=0, **other)
-        return Cuts(**other).validate_for_model(text)
+        return Cuts.from_settings(cfg.text, window=k.window, head_mask=k.head_mask, drop_fraction=k.drop_fraction,
+                                  ffn_ratio=k.ffn_ratio)
     except ValueError as e:
         raise ValueError(f"config model.cuts: {e}") from e
 
