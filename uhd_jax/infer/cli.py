@@ -167,8 +167,11 @@ def load_setup(args) -> Setup:
     cfg, params = load_checkpoint(args.checkpoint)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     try:
-        cuts = Cuts.from_settings(cfg.text, window=args.cuts_window, head_mask=args.cuts_head_mask,
-                                  drop_fraction=args.cuts_drop_fraction, ffn_ratio=args.cuts_ffn_ratio)
+        # commands without the cut flags (`yopo calibrate`) get the model without cuts
+        cuts = Cuts.from_settings(cfg.text, window=getattr(args, "cuts_window", 0),
+                                  head_mask=getattr(args, "cuts_head_mask", ""),
+                                  drop_fraction=getattr(args, "cuts_drop_fraction", 0.0),
+                                  ffn_ratio=getattr(args, "cuts_ffn_ratio", 1))
     except ValueError as e:
         raise ValueError(f"visual cuts (--cuts-*): {e}") from e
     model = MiniCPMV(cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, param_dtype=jnp.float32,
