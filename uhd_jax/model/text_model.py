@@ -84,7 +84,10 @@ def layer_period(layer_types: tuple[str, ...]) -> int:
 
 
 class FullAttention(nn.Module):
-    """Causal GQA with q/k RMSNorm and (partial) rotary; Qwen3.5 adds a sigmoid output gate from q_proj."""
+    """Causal GQA with q/k RMSNorm and (partial) rotary; Qwen3.5 adds a sigmoid output gate from q_proj.
+
+    Submodules in `setup` (not compact) so that `qkv`, the one q/k/v projection of the layer, can be applied on its
+    own (`apply(..., method="qkv")`, uhd_jax/yopo/attention_qk.py) as well as from `__call__` and the cut path."""
 
     config: TextConfig
     dtype: Dtype = jnp.float32
@@ -93,7 +96,64 @@ class FullAttention(nn.Module):
     decode: bool = False
     cut: LayerCuts | None = None  # visual cuts of this layer; (1) window / (2) heads act here (ctx["vindex"])
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        n, kh, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda: RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype,  # noqa: E731
+                               param_dtype=self.param_dtype)
+        self.q_proj = Dense(n * h * (2 if cfg.attn_output_gate else 1), ("embed", "heads"), **kw)
+        self.k_proj = Dense(kh * h, ("embed", "kv_heads"), **kw)
+        self.v_proj = Dense(kh * h, ("embed", "kv_heads"), **kw)
+        self.o_proj = Dense(cfg.hidden_size, ("heads", "embed"), **kw)
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def qkv(self, x, cos, sin, active_heads=None, from_params: bool = False):
+        """The layer's queries, keys and values of x [B, S, D] (its input after input_layernorm): q_proj (and
+        Qwen3.5's per-head [query (H), gate (H)] split), k_proj, v_proj, the q/k RMSNorms and rope (cos/sin
+        [B, S, R/2]). Returns (q [B, S, N', H], k [B, S, K', H], v [B, S, K', H], gate [B, S, N' x H] or None).
+
+        active_heads (the cut path's visual rows, `LayerCuts.active_heads`): only the q (and gate) columns of these
+        heads (N' of them, in order) and the k/v columns of the KV groups holding one (K'); None: all heads.
+        from_params: the projections as matmuls on the layer's kernels read from its params (column-sliced for
+        active_heads; what the cut path does for all its rows) instead of the Dense modules."""
+        cfg = self.config
+        bsz, s = x.shape[:2]
+        n, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        gated = cfg.attn_output_gate
+        heads, groups, qcols, kvcols = n, kh, None, None
+        if active_heads is not None:
+            act = normalize_heads(active_heads, n)
+            if len(act) < n:
+                qcols, kvcols = q_proj_columns(n, hd, act, gated), kv_proj_columns(n, kh, hd, act)
+                heads, groups = len(act), len(kvcols) // hd
+        if from_params or qcols is not None:
+            proj = lambda name, cols: self._linear(x, name, cols)  # noqa: E731
+        else:
+            proj = lambda name, cols: getattr(self, name)(x)  # noqa: E731
+        q = proj("q_proj", qcols)
+        gate = None
+        if gated:  # per head: [query (H), gate (H)]
+            q = q.reshape(bsz, s, heads, 2 * hd)
+            q, gate = q[..., :hd], q[..., hd:].reshape(bsz, s, heads * hd)
+        else:
+            q = q.reshape(bsz, s, heads, hd)
+        k = proj("k_proj", kvcols).reshape(bsz, s, groups, hd)
+        v = proj("v_proj", kvcols).reshape(bsz, s, groups, hd)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v, gate
+
+    def _linear(self, x, name: str, cols=None, rows=None):
+        """x @ the kernel (+ bias) of projection `name` read from the params, optionally only the kernel columns
+        `cols` (bias entries too) or rows `rows` (static index arrays)."""
+        p = nn.meta.unbox(self.variables["params"])[name]
+        w, b = p["kernel"], p.get("bias")
+        if cols is not None:
+            w, b = _take(w, cols, 1), None if b is None else _take(b, cols, 0)
+        if rows is not None:
+            w = _take(w, rows, 0)
+        y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        return y if b is None else y + b.astype(self.dtype)
+
     def __call__(self, x, ctx, cache=None):
         """x [B, S, D]; ctx: cos/sin [B, S, R/2], lengths [B] or None (prefill), index [B] (decode: tokens
         already in the cache), segments [B, S] run index or None (packed rows: keys of the query's own sample
@@ -101,34 +161,21 @@ class FullAttention(nn.Module):
         "v": [B, T, K, H]} or None. Returns (y, new cache or None)."""
         cfg = self.config
         bsz, s, d = x.shape
-        n, kh, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        gated = cfg.attn_output_gate
-        kw = dict(use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, zero_centered=cfg.is_hybrid, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name=name)
+        n, h = cfg.num_attention_heads, cfg.head_dim
         c = self.cut
         if (c is not None and (c.window is not None or c.active_heads is not None) and not self.decode
                 and (cache is None or ctx["offset"] is None) and ctx.get("vindex") is not None
                 and not self.is_initializing()):
             if cache is None:
-                return self._visual_cut_attention(x, ctx, norm("q_norm"), norm("k_norm")), None
+                return self._visual_cut_attention(x, ctx), None
             # prefill into an empty cache: every token's K/V written from slot 0 (visual K/V of KV groups without an
             # active head are never computed: zeros there, masked at decode)
-            y, k, v = self._visual_cut_attention(x, ctx, norm("q_norm"), norm("k_norm"), want_kv=True)
+            y, k, v = self._visual_cut_attention(x, ctx, want_kv=True)
             t = cache["k"].shape[1]
             write = lambda c, new: jax.lax.dynamic_update_slice(c, new[:, :t].astype(c.dtype), (0, 0, 0, 0))
             return y, {"k": write(cache["k"], k), "v": write(cache["v"], v)}
 
-        q = Dense(n * h * (2 if gated else 1), ("embed", "heads"), name="q_proj", **kw)(x)
-        if gated:  # per head: [query (h), gate (h)]
-            q = q.reshape(bsz, s, n, 2 * h)
-            q, gate = q[..., :h], q[..., h:].reshape(bsz, s, n * h)
-        else:
-            q = q.reshape(bsz, s, n, h)
-        k = Dense(kh * h, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(bsz, s, kh, h)
-        v = Dense(kh * h, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(bsz, s, kh, h)
-        q = apply_rope(norm("q_norm")(q), ctx["cos"], ctx["sin"])
-        k = apply_rope(norm("k_norm")(k), ctx["cos"], ctx["sin"])
+        q, k, v, gate = self.qkv(x, ctx["cos"], ctx["sin"])
 
         new_cache = None
         if self.decode:  # slot ctx["write"][b]; out of range (inactive row, full cache): dropped, never clamped
@@ -164,21 +211,21 @@ class FullAttention(nn.Module):
                                       mask=None if segments is None else same_segment_mask(segments),
                                       implementation=self.attention_impl)
         o = o.reshape(bsz, s, n * h)
-        if gated:
+        if gate is not None:
             o = o * nn.sigmoid(gate)
-        return Dense(d, ("heads", "embed"), name="o_proj", **kw)(o), new_cache
+        return self.o_proj(o), new_cache
 
-    def _visual_cut_attention(self, x, ctx, q_norm, k_norm, want_kv: bool = False):
+    def _visual_cut_attention(self, x, ctx, want_kv: bool = False):
         """Cuts (1) window and (2) heads, skipping the work (prefill without a cache; semantics and layout in
         `uhd_jax.model.visual_attention`): the tokens are split into the text slots [B, Tc] and the visual slots
         [B, Vc] of ctx["vindex"]; text rows go through the whole q/k/v/o projections, visual rows only through the
         q (and gate) columns of the layer's active heads, the k/v columns of the KV groups holding an active head and
-        the o_proj rows of the active heads; attention on the compacted sets (`visual_attention_core`: no [S, S]
-        scores for visual queries); merged back to [B, S, D] (padding positions 0; rows with too many text tokens
-        NaN). want_kv: also return every token's K and V [B, S, K, H] (for a cache; visual tokens' K/V are zero in
-        the KV groups without an active head)."""
+        the o_proj rows of the active heads (`qkv` with active_heads, kernels sliced from the params); attention on
+        the compacted sets (`visual_attention_core`: no [S, S] scores for visual queries); merged back to [B, S, D]
+        (padding positions 0; rows with too many text tokens NaN). want_kv: also return every token's K and V
+        [B, S, K, H] (for a cache; visual tokens' K/V are zero in the KV groups without an active head)."""
         cfg = self.config
-        bsz, s, d = x.shape
+        s = x.shape[1]
         n, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         gated = cfg.attn_output_gate
         ix = ctx["vindex"]
@@ -187,39 +234,11 @@ class FullAttention(nn.Module):
                              f"{ix.window}")
         act = normalize_heads(self.cut.active_heads, n)
         all_heads = len(act) == n
-        p = nn.meta.unbox(self.variables["params"])
-        dt = self.dtype
-
-        def lin(hh, name, cols=None, rows=None):
-            w, b = p[name]["kernel"], p[name].get("bias")
-            if cols is not None:
-                w, b = _take(w, cols, 1), None if b is None else _take(b, cols, 0)
-            if rows is not None:
-                w = _take(w, rows, 0)
-            y = jnp.dot(hh.astype(dt), w.astype(dt))
-            return y if b is None else y + b.astype(dt)
 
         xt, xv = split_tokens(x, ix)
         (ct, cv), (st, sv) = split_tokens(ctx["cos"], ix), split_tokens(ctx["sin"], ix)
-        qcols = None if all_heads else q_proj_columns(n, hd, act, gated)
-        kvcols = None if all_heads else kv_proj_columns(n, kh, hd, act)
-        groups = len(kvcols) // hd if kvcols is not None else kh
-
-        def qkv(hh, heads, qc, kc, ng, cos, sin):
-            b_, t_ = hh.shape[:2]
-            q = lin(hh, "q_proj", qc)
-            gate = None
-            if gated:
-                q = q.reshape(b_, t_, heads, 2 * hd)
-                q, gate = q[..., :hd], q[..., hd:].reshape(b_, t_, heads * hd)
-            else:
-                q = q.reshape(b_, t_, heads, hd)
-            k = lin(hh, "k_proj", kc).reshape(b_, t_, ng, hd)
-            v = lin(hh, "v_proj", kc).reshape(b_, t_, ng, hd)
-            return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin), v, gate
-
-        qt, kt, vt, gt = qkv(xt, n, None, None, kh, ct, st)
-        qv, kv, vv, gv = qkv(xv, len(act), qcols, kvcols, groups, cv, sv)
+        qt, kt, vt, gt = self.qkv(xt, ct, st, from_params=True)
+        qv, kv, vv, gv = self.qkv(xv, cv, sv, active_heads=act, from_params=True)
         if ix.nbr is None and ctx.get("segments") is None:  # heads alone: two causal sets, the fused kernel
             ot, ov = head_cut_fused(qt, kt, vt, qv, kv, vv, ix, active_heads=act, seq_len=s, lengths=ctx["lengths"],
                                     implementation=self.attention_impl)
@@ -228,9 +247,9 @@ class FullAttention(nn.Module):
         ot, ov = ot.reshape(ot.shape[:2] + (n * hd,)), ov.reshape(ov.shape[:2] + (len(act) * hd,))
         if gated:
             ot, ov = ot * nn.sigmoid(gt), ov * nn.sigmoid(gv)
-        yt = lin(ot, "o_proj")
-        yv = lin(ov, "o_proj", rows=None if all_heads else o_proj_rows(n, hd, act))
-        y = merge_tokens(yt, yv, ix, s).astype(dt)
+        yt = self._linear(ot, "o_proj")
+        yv = self._linear(ov, "o_proj", rows=None if all_heads else o_proj_rows(n, hd, act))
+        y = merge_tokens(yt, yv, ix, s).astype(self.dtype)
         if not want_kv:
             return y
         if not all_heads:  # the visual K/V of the active KV groups into the full [K] layout, zeros elsewhere
