@@ -219,7 +219,7 @@ def test_visual_cuts_from_the_command_line(files, capsys):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--cuts-window", "4"], "--cuts-*): window must be 0 (off) or an odd int"),
-    (["--cuts-drop-fraction", "1.5"], "drop_fraction must be in [0, 1)"),
+    (["--cuts-drop-fraction", "1.5"], "drop_fraction must be in [0, 1] (0: off), got 1.5"),
     (["--cuts-ffn-ratio", "0"], "argument --cuts-ffn-ratio: must be >= 1"),
     (["--cuts-head-mask", "/nonexistent/heads.npz"], "head mask /nonexistent/heads.npz: no such file"),
     (["--cuts-head-mask", "CORRUPT"], "not a head-mask .npz"),

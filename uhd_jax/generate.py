@@ -109,8 +109,7 @@ def run_prompt(setup: cli.Setup, args, dec: cli.Decoding, out=None) -> str:
 
     from uhd_jax.data.layout import patches_per_token
     from uhd_jax.data.packer import Packer, PackerConfig
-    from uhd_jax.infer.engine import text_slot_multiple
-    from uhd_jax.infer.engine import Generator, greedy
+    from uhd_jax.infer.engine import Generator, greedy, text_slot_multiple
     from uhd_jax.infer.sampler import make_pick_fn, stack_params
 
     proc = setup.processor

@@ -533,11 +533,11 @@ class TextModel(nn.Module):
         """One decode step over parameters split per block (`unstack_layers`): a Python loop over the blocks, each
         applying `DecoderBlock` to its own parameter arrays. Scanning the stacked parameters instead slices each
         weight out of the stack inside the decode loop, which XLA materialises as a copy before every matrix
-        product (H100, full-size model: 181 copies, 2.3 ms of a 5.8 ms step at batch 32). The cache stays stacked
-        [blocks, ...]; each block's new entries are written in place (`.at[g].set`). Same function as the scan.
-        Cache layers either stacked or per block (`unstack_cache`, what the engines' decode loops carry: slicing a
-        block's DeltaNet states out of the stack and writing them back cost 60 copies per step, 1.0 ms of a 3.8 ms
-        step at batch 32 on an H100); the new cache comes back in the same form.
+        product (H100, full-size model: 181 copies, 2.3 ms of a 5.8 ms step at batch 32). Same function as the scan.
+        Cache layers per block (`unstack_cache`, what the engines' decode loops carry: slicing a block's DeltaNet
+        states out of a stacked cache and writing them back (`.at[g].set`) cost 60 copies per step, 1.0 ms of a
+        3.8 ms step at batch 32 on an H100) or stacked [blocks, ...] (other callers); the new cache comes back in the
+        same form.
         Returns (h, new cache layers, hidden [blocks, period, B, 1, D])."""
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"][UNSTACKED])
@@ -693,8 +693,8 @@ def unstack_cache(layers) -> tuple:
     decode loop carries (see `TextModel._run_unstacked_decode`); `stack_cache` is the inverse. One copy each way."""
     if isinstance(layers, tuple):
         return layers
-    g = jax.tree.leaves(layers)[0].shape[0]
-    return tuple(jax.tree.map(lambda a, g=g: a[g], layers) for g in range(g))
+    blocks = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, g=g: a[g], layers) for g in range(blocks))
 
 
 def stack_cache(layers) -> dict:

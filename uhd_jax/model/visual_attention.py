@@ -408,7 +408,7 @@ def head_cut_fused(q_text, k_text, v_text, q_vis, k_vis, v_vis, index: VisualInd
     seq_len: S; lengths [B] real tokens (None: all S)."""
     from uhd_jax.model.attention import dot_product_attention
 
-    b, tc, n, hd = q_text.shape
+    b, _, n, hd = q_text.shape
     kh = k_text.shape[2]
     g = n // kh
     act = normalize_heads(active_heads, n)

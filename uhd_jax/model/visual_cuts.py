@@ -135,8 +135,8 @@ class Cuts:
         (visual FFN width / r, 1 off). ValueError names the setting."""
         if not isinstance(window, numbers.Integral) or window < 0 or (window and window % 2 == 0):
             raise ValueError(f"window must be 0 (off) or an odd int >= 1, got {window!r}")
-        if not 0.0 <= drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction must be in [0, 1) (0: off), got {drop_fraction!r}")
+        if not 0.0 <= drop_fraction <= 1.0:  # the trainer's check_config bound (1: drop_layer = layers)
+            raise ValueError(f"drop_fraction must be in [0, 1] (0: off), got {drop_fraction!r}")
         if not isinstance(ffn_ratio, numbers.Integral) or ffn_ratio < 1:
             raise ValueError(f"ffn_ratio must be an int >= 1 (1: off), got {ffn_ratio!r}")
         drop = round(drop_fraction * cfg.num_hidden_layers) if drop_fraction else None
