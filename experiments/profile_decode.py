@@ -1,7 +1,8 @@
 """Where a decode step's time goes (issue 11): the generation loop of the full-size model, profiled on the GPU.
 
-For each layer-stack variant (`--variants scan,unroll+big`: the text layers scanned as in training, or unrolled
-into straight-line code; `+big` adds the `--batches` above 1) it times greedy decoding like `bench_generate.py` (t(N new tokens) - t(1), per step), then
+For each variant (`--variants scan+served,unroll+big`: the layer stacks scanned as in training, or unrolled into
+straight-line code; `+served`: the weights in the serving layout, `infer.engine.serving_params`; `+big` adds the
+`--batches` above 1) it times greedy decoding like `bench_generate.py` (t(N new tokens) - t(1), per step), then
 records a `jax.profiler` trace of one N-token generation at batch 1 and sums the GPU kernels of the decode part:
 kernel time per step, kernels launched per step, the idle share of the step (launch gaps), and the kernels that
 take the most time (name, count per step, us per step). Writes one JSON report to `--out`.
@@ -29,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_generate import model_dir, prompt_batch, timed  # noqa: E402
-from uhd_jax.infer.engine import Generator  # noqa: E402
+from uhd_jax.infer.engine import Generator, serving_params  # noqa: E402
 from uhd_jax.model.minicpmv import MiniCPMV  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main():
     p.add_argument("--text", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--variants", default="scan,unroll")
+    p.add_argument("--variants", default="scan+served,scan")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="")
     a = p.parse_args()
@@ -82,15 +83,18 @@ def main():
     report = {"device": jax.devices()[0].device_kind, "new_tokens": a.new_tokens, "variants": {}}
     params = None
     for variant in a.variants.split(","):
-        parts = variant.split("+")  # "scan" / "unroll", "+big": also time and profile the batches > 1
+        # "scan" / "unroll"; "+served": the weights in the serving layout (`serving_params`); "+big": also time and
+        # profile the batches > 1
+        parts = variant.split("+")
         model = MiniCPMV(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                          unroll=True if "unroll" in parts else 1)
         if params is None:
             params = nn.unbox(jax.jit(model.init)(jax.random.key(0), example))["params"]
         gen = Generator(model, stop_ids=())
+        weights = serving_params(model, params) if "served" in parts else params
 
         def run(batch, n):
-            jax.block_until_ready(gen.generate(params, batch, max_new_tokens=n, capacity=capacity).tokens)
+            jax.block_until_ready(gen.generate(weights, batch, max_new_tokens=n, capacity=capacity).tokens)
 
         res = {}
         vb = [b for b in batches if b == 1 or "big" in parts]

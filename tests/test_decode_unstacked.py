@@ -81,3 +81,45 @@ def test_per_block_cache_decode_equals_stacked(model_type):
     hlo = lambda c: step.lower(flat, tok, c, active).compile().as_text()
     assert hlo(cache).count("dynamic-update-slice(") > 0
     assert hlo(blocks).count("dynamic-update-slice(") < hlo(cache).count("dynamic-update-slice(")
+
+
+def test_serving_params_give_the_same_model_and_tokens(tmp_path):
+    """`serving_params` (every layer stack split per layer: the vision encoder's two stacks and the LLM) computes
+    what the stacked layout computes: forward logits, prefill logits and cache, greedy tokens; two images of
+    different sizes (views of different lengths). The served prefill slices no weight out of a stack. (Generation
+    with served parameters is compared with transformers in test_engine.py: its hybrid model is served.)"""
+    from tests.data_utils import make_model_dir, random_image
+    from uhd_jax.data.packer import Packer, PackerConfig
+    from uhd_jax.data.processor import Processor
+    from uhd_jax.infer.engine import Generator, serving_params
+    from uhd_jax.model.layers import UNSTACKED as STACK_KEY
+    from uhd_jax.model.minicpmv import MiniCPMV
+
+    cfg = tiny_config(insert_layer_id=1)
+    proc = Processor.from_pretrained(make_model_dir(str(tmp_path), scale_resolution=112, max_slice_nums=4))
+    cfg = cfg.replace(text=cfg.text.replace(vocab_size=248320), image_token_id=248056, video_token_id=248057)
+    model = MiniCPMV(cfg, attention_impl="xla", chunk=ChunkOptions(8))
+    samples = [proc.encode_chat([{"role": "user", "content": "<|image_pad|>\nRead it."}],
+                                images=[random_image(60, 300, seed=1)], add_generation_prompt=True),
+               proc.encode_chat([{"role": "user", "content": "<|image_pad|>\n<|image_pad|>\nWhich differs?"}],
+                                images=[random_image(200, 90, seed=2), random_image(30, 30, seed=3)],
+                                add_generation_prompt=True)]
+    batch = Packer(proc, PackerConfig(batch_size=2, seq_buckets=(128,), views_per_row=8,
+                                      tokens_per_view=160)).pack(samples)
+    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+    served = serving_params(model, params)
+    tower = served["vision"]["vision_tower"]
+    assert set(tower["layers_pre"]) == set(tower["layers_post"]) == {STACK_KEY} and "layers" not in served["text"]
+    again = serving_params(model, served)  # already served: the same arrays back
+    assert all(x is y for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(served)))
+    forward = jax.jit(lambda p: model.apply({"params": p}, batch)[0])
+    np.testing.assert_allclose(np.asarray(forward(served)), np.asarray(forward(params)), rtol=1e-6, atol=1e-6)
+
+    gen = Generator(model)
+    cache = gen.new_cache(2, 160)
+    (want, w_cache), (got, g_cache) = (gen.prefill(p, batch, cache) for p in (params, served))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6),
+                 g_cache, w_cache)
+    hlo = lambda p: gen._prefill.lower(p, batch, cache).compile().as_text().count("dynamic-slice(")
+    assert hlo(served) < hlo(params)

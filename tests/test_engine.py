@@ -23,7 +23,8 @@ from uhd_jax.convert import load_hf
 from uhd_jax.data.batch import ModelBatch
 from uhd_jax.data.packer import Packer, PackerConfig
 from uhd_jax.data.processor import Processor
-from uhd_jax.infer.engine import CacheCapacityError, Generator, Request, SlotEngine, greedy, row_keys
+from uhd_jax.infer.engine import (CacheCapacityError, Generator, Request, SlotEngine, greedy, row_keys,
+                                  serving_params)
 from uhd_jax.model.gated_deltanet import ChunkOptions
 from uhd_jax.model.minicpmv import MiniCPMV
 
@@ -46,7 +47,7 @@ def prompts():
             (user("How many slices? Answer with a number."), [])]
 
 
-def _saved(tmp_path_factory, text_model):
+def _saved(tmp_path_factory, text_model, served=False):
     cfg = tiny_config(insert_layer_id=1, text_model=text_model)
     cfg = cfg.replace(text=cfg.text.replace(vocab_size=248320), image_token_id=248056, video_token_id=248057)
     model_dir = str(tmp_path_factory.mktemp(f"engine_{text_model}") / "model")
@@ -56,8 +57,11 @@ def _saved(tmp_path_factory, text_model):
     loaded_cfg, params = load_hf(model_dir)
     model = MiniCPMV(loaded_cfg, attention_impl="xla")
     proc = Processor.from_pretrained(model_dir)
+    params = jax.tree.map(jnp.asarray, params)
+    if served:  # the serving layout (every layer stack split per layer), what the CLIs generate with
+        params = serving_params(model, params)
     return dict(dir=model_dir, ref=ref, rp=reference_processor(model_dir, **SLICE), cfg=loaded_cfg, model=model,
-                params=jax.tree.map(jnp.asarray, params), proc=proc, gen=Generator(model, stop_ids=proc.eos_token_ids))
+                params=params, proc=proc, gen=Generator(model, stop_ids=proc.eos_token_ids))
 
 
 # Most hybrid tests share one compiled generation program: 3 rows of a 160-token bucket with 12 view slots, a
@@ -78,7 +82,7 @@ def generate(m, batch, max_new, **kw):
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    return _saved(tmp_path_factory, "qwen3_5_text")
+    return _saved(tmp_path_factory, "qwen3_5_text", served=True)
 
 
 @pytest.fixture(scope="module")

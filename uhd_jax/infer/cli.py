@@ -174,8 +174,10 @@ def load_setup(args) -> Setup:
                                   ffn_ratio=getattr(args, "cuts_ffn_ratio", 1))
     except ValueError as e:
         raise ValueError(f"visual cuts (--cuts-*): {e}") from e
-    model = MiniCPMV(cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, param_dtype=jnp.float32,
-                     cuts=cuts)
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    # bfloat16: the weights are held in bfloat16 too (the model casts every weight to the compute dtype where it is
+    # used, so the outputs are the same; a float32 copy would double the bytes each decode step reads)
+    model = MiniCPMV(cfg, dtype=compute, param_dtype=compute, cuts=cuts)
     overrides = {}
     if args.downsample_mode is not None:
         overrides["downsample_mode"] = args.downsample_mode
@@ -184,14 +186,19 @@ def load_setup(args) -> Setup:
     processor = Processor.from_pretrained(model_dir, **overrides)
     gen_path = os.path.join(model_dir, "generation_config.json")
     gen = json.load(open(gen_path)) if os.path.exists(gen_path) else {}
-    return Setup(cfg=cfg, model=model, params=jax.tree.map(jnp.asarray, params), processor=processor,
+    params = jax.tree.map(lambda a: jnp.asarray(a, compute if jnp.issubdtype(a.dtype, jnp.floating) else None),
+                          params)
+    return Setup(cfg=cfg, model=model, params=params, processor=processor,
                  chat=ChatTemplate.from_pretrained(model_dir), generation_config=gen, model_dir=model_dir)
 
 
 def setup_or_usage_error(p: argparse.ArgumentParser, args, *, use_generation_config: bool):
     """(Setup, Decoding) of the flags; a checkpoint that does not load or a bad decoding flag is a usage error."""
     try:
+        from uhd_jax.infer.engine import serving_params
+
         setup = load_setup(args)
+        setup.params = serving_params(setup.model, setup.params)  # every layer stack split per layer, once
         return setup, decoding(args, setup.generation_config, use_generation_config=use_generation_config)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))

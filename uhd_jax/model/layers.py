@@ -90,3 +90,22 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", with_axes(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
         bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
         return _layer_norm_remat(x, scale, bias, self.eps, jnp.dtype(self.dtype))
+
+
+UNSTACKED = "layers_unstacked"  # a layer stack's per-layer parameters (`unstack`), in place of the scanned "layers"
+
+
+def unstack(stacked) -> tuple:
+    """A scanned stack's parameters {...: [L, ...]} -> a tuple of L per-layer trees (one copy). Inference keeps its
+    weights in this form (`infer.engine.serving_params`): scanning the stacked form slices every weight out of the
+    stack at every layer, which XLA on the GPU materialises as a device-to-device copy before each matrix product
+    (H100, MiniCPM-V 4.6, one 1344px image: 913 copies, 3.2 ms of kernel time and their launches in a 40 ms
+    prefill). The stack modules run the per-layer form as a Python loop over the layers: the same function."""
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+
+
+def unstacked_params(module: nn.Module):
+    """The per-layer parameter tuple of `module`'s stack (`unstack`) when its variables hold one, else None."""
+    params = module.variables.get("params", {}) if module.scope is not None else {}
+    return nn.meta.unbox(params[UNSTACKED]) if UNSTACKED in params else None

@@ -42,7 +42,7 @@ import numpy as np
 from uhd_jax.config import TextConfig
 from uhd_jax.model.attention import dot_product_attention
 from uhd_jax.model.gated_deltanet import ChunkOptions, GatedDeltaNet, init_deltanet_cache
-from uhd_jax.model.layers import REMAT_POLICIES, Dense, default_kernel_init
+from uhd_jax.model.layers import REMAT_POLICIES, UNSTACKED, Dense, default_kernel_init, unstack, unstacked_params
 from uhd_jax.model.segments import same_segment_mask, segment_positions, segment_runs
 from uhd_jax.model.text_layers import MLP, RMSNorm, apply_rope, rope_cos_sin
 from uhd_jax.model.visual_attention import (active_kv_groups, build_visual_index, head_cut_fused, kv_proj_columns,
@@ -471,8 +471,13 @@ class TextModel(nn.Module):
 
         period = layer_period(cfg.layer_types)
         overflow = None
-        if decode and UNSTACKED in self.variables.get("params", {}):
-            h, new_layers, hidden = self._run_unstacked_decode(x, layers, ctx, period)
+        per_block = None if self.is_initializing() else unstacked_params(self)
+        if per_block is not None and cuts_on and not decode:
+            raise ValueError("a model with visual cuts prefills over the stacked layer parameters (its cut stack "
+                             "scans segments of them); per-block parameters (layers_unstacked) serve decoding only: "
+                             "infer.engine.serving_params leaves a cut model's text layers stacked")
+        if per_block is not None:
+            h, new_layers, hidden = self._run_unstacked(x, layers, ctx, period, per_block, decode)
         elif cuts_on and decode and not self.is_initializing():
             h, new_layers, hidden = self._run_cut_decode(x, layers, ctx, period)
         elif cuts_on and not self.is_initializing():
@@ -529,30 +534,32 @@ class TextModel(nn.Module):
         return mask_padded_vocab(logits.astype(out_dtype), vocab), out
 
 
-    def _run_unstacked_decode(self, x, layers, ctx, period):
-        """One decode step over parameters split per block (`unstack_layers`): a Python loop over the blocks, each
-        applying `DecoderBlock` to its own parameter arrays. Scanning the stacked parameters instead slices each
-        weight out of the stack inside the decode loop, which XLA materialises as a copy before every matrix
-        product (H100, full-size model: 181 copies, 2.3 ms of a 5.8 ms step at batch 32). Same function as the scan.
-        Cache layers per block (`unstack_cache`, what the engines' decode loops carry: slicing a block's DeltaNet
-        states out of a stacked cache and writing them back (`.at[g].set`) cost 60 copies per step, 1.0 ms of a
-        3.8 ms step at batch 32 on an H100) or stacked [blocks, ...] (other callers); the new cache comes back in the
-        same form.
-        Returns (h, new cache layers, hidden [blocks, period, B, 1, D])."""
+    def _run_unstacked(self, x, layers, ctx, period, params, decode):
+        """The layer stack over parameters split per block (`layers.unstack`, the serving layout): a Python loop
+        over the blocks, each applying `DecoderBlock` to its own parameter arrays; prefill, decode or the plain
+        forward. Scanning the stacked parameters instead slices each weight out of the stack at every block, which
+        XLA materialises as a copy before every matrix product (H100, full-size model, decoding: 181 copies, 2.3 ms
+        of a 5.8 ms step at batch 32). Same function as the scan.
+        Cache layers: None (no cache), per block (`unstack_cache`, what the engines' decode loops carry: slicing a
+        block's DeltaNet states out of a stacked cache and writing them back (`.at[g].set`) cost 60 copies per
+        step, 1.0 ms of a 3.8 ms step at batch 32 on an H100) or stacked [blocks, ...]; the new cache comes back
+        in the same form. Returns (h, new cache layers, hidden [blocks, period, B, S, D])."""
         cfg = self.config
-        params = nn.meta.unbox(self.variables["params"][UNSTACKED])
+        if len(params) * period != cfg.num_hidden_layers:
+            raise ValueError(f"{len(params)} per-block parameter trees of {period} layers for a model of "
+                             f"{cfg.num_hidden_layers} layers")
         per_block = isinstance(layers, tuple)  # `unstack_cache`: each block's own arrays, nothing sliced or copied
         hidden, blocks = [], []
         for g, p in enumerate(params):
-            # this block's cuts, if any (decode: head mask on visual keys, dropped layers' text-only cache)
+            # decode with cuts: this block's (head mask on visual keys, dropped layers' text-only cache)
             cuts = tuple(layer_cuts(cfg, self.cuts, g * period + j) for j in range(period)) if self.cuts.any else None
             block = DecoderBlock(cfg, cfg.layer_types[:period], self.dtype, self.param_dtype, self.attention_impl,
-                                 self.chunk, True, cuts=cuts, parent=None)
-            c = layers[g] if per_block else jax.tree.map(lambda a: a[g], layers)
+                                 self.chunk, decode, cuts=cuts, parent=None)
+            c = None if layers is None else layers[g] if per_block else jax.tree.map(lambda a: a[g], layers)
             x, (new, hid) = block.apply({"params": p}, x, c, ctx)
             if per_block:
                 blocks.append(jax.tree.map(lambda a, n: n.astype(a.dtype), c, new))
-            else:
+            elif layers is not None:
                 layers = jax.tree.map(lambda a, n: a.at[g].set(n.astype(a.dtype)), layers, new)
             hidden.append(hid)
         return x, tuple(blocks) if per_block else layers, jnp.stack(hidden)
@@ -685,12 +692,9 @@ def _cache_capacity(layers) -> int:
     raise ValueError("the cache has no full-attention layer (no KV buffer to size the visual mask by)")
 
 
-UNSTACKED = "layers_unstacked"  # the text params' key for per-block parameters (`unstack_layers`)
-
-
 def unstack_cache(layers) -> tuple:
     """Cache layers {"layer_i": {...: [G, B, ...]}} -> a tuple of G per-block dicts ({...: [B, ...]}), the form a
-    decode loop carries (see `TextModel._run_unstacked_decode`); `stack_cache` is the inverse. One copy each way."""
+    decode loop carries (see `TextModel._run_unstacked`); `stack_cache` is the inverse. One copy each way."""
     if isinstance(layers, tuple):
         return layers
     blocks = jax.tree.leaves(layers)[0].shape[0]
@@ -706,12 +710,13 @@ def stack_cache(layers) -> dict:
 
 def unstack_layers(text_params) -> dict:
     """The text model's parameters with the stacked `layers` [blocks, ...] split into a tuple of per-block trees
-    under `UNSTACKED`, for decoding (`TextModel` with decode=True reads them; other modes need the stacked form).
-    Done once before a decode loop, it copies the layer weights once instead of once per step."""
+    under `UNSTACKED` (`layers.unstack`), the serving layout `TextModel` runs as a loop over the blocks (prefill,
+    decode, forward; not the cut prefill, not training). Parameters already in that layout are returned as they
+    are."""
+    if UNSTACKED in text_params:
+        return text_params
     text_params = dict(text_params)
-    layers = text_params.pop("layers")
-    blocks = jax.tree.leaves(layers)[0].shape[0]
-    text_params[UNSTACKED] = tuple(jax.tree.map(lambda a, g=g: a[g], layers) for g in range(blocks))
+    text_params[UNSTACKED] = unstack(text_params.pop("layers"))
     return text_params
 
 

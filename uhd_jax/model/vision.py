@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from uhd_jax.config import ModelConfig, VisionConfig
 from uhd_jax.data.layout import VisionBatch
 from uhd_jax.model.attention import dot_product_attention
-from uhd_jax.model.layers import REMAT_POLICIES, Dense, Dtype, LayerNorm
+from uhd_jax.model.layers import REMAT_POLICIES, Dense, Dtype, LayerNorm, unstacked_params
 from uhd_jax.model.merger import Merger, fold_2x2
 from uhd_jax.parallel.axes import VIEW_ACTIVATIONS, constrain, with_axes
 
@@ -88,7 +88,8 @@ class EncoderLayer(nn.Module):
 
 
 class LayerStack(nn.Module):
-    """`num_layers` EncoderLayers under nn.scan (parameters stacked on a leading `layers` axis)."""
+    """`num_layers` EncoderLayers under nn.scan (parameters stacked on a leading `layers` axis), or, when the
+    parameters are split per layer (`layers.unstack`, the serving layout), a Python loop over the layers."""
 
     config: VisionConfig
     num_layers: int
@@ -104,6 +105,16 @@ class LayerStack(nn.Module):
         layer = EncoderLayer
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        per_layer = unstacked_params(self)
+        if per_layer is not None:
+            if len(per_layer) != self.num_layers:
+                raise ValueError(f"{len(per_layer)} per-layer parameter trees for a stack of {self.num_layers}")
+            ys = []
+            for p in per_layer:
+                x, y = EncoderLayer(self.config, self.dtype, self.param_dtype, self.attn_impl, self.collect,
+                                    parent=None).apply({"params": p}, x, lengths)
+                ys.append(y)
+            return x, (jnp.stack(ys) if self.collect else None)
         if self.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
