@@ -57,7 +57,17 @@ def summarize(kernels, steps: int, top: int = 25):
         by[name][0] += 1
         by[name][1] += d
     rows = sorted(by.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"kernels": len(kernels), "kernels_per_step": len(kernels) / steps, "busy_us_per_step": total / steps,
+    # idle gaps of the device timeline (events of all streams merged): where the GPU waits for the host
+    gaps, end, prev = [], None, None
+    for name, t0, d in kernels:
+        if end is not None and t0 > end:
+            gaps.append((t0 - end, prev, name))
+        if end is None or t0 + d > end:
+            end, prev = t0 + d, name
+    big = [g for g in gaps if g[0] > 50]
+    return {"gaps_over_50us": len(big), "gaps_over_50us_us": sum(g for g, _, _ in big) / steps,
+            "gaps_top": [{"us": g, "after": a[:80], "before": b[:80]} for g, a, b in sorted(gaps, reverse=True)[:12]],
+            "kernels": len(kernels), "kernels_per_step": len(kernels) / steps, "busy_us_per_step": total / steps,
             "span_us_per_step": span / steps, "idle_share": 1 - total / span if span else 0.0,
             "top": [{"name": n[:160], "per_step": c / steps, "us_per_step": d / steps} for n, (c, d) in rows]}
 
@@ -72,6 +82,7 @@ def main():
     p.add_argument("--variants", default="scan+served,scan")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="")
+    p.add_argument("--keep-traces", default="", help="copy the traces of the 1-token runs (perfetto json) here")
     a = p.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     tmp = tempfile.mkdtemp()
@@ -110,6 +121,12 @@ def main():
                 with jax.profiler.trace(d, create_perfetto_trace=True):
                     run(big[b], n)
                 kernels, procs = device_kernels(d)
+                if a.keep_traces and tag == "first":
+                    import shutil
+
+                    for f in glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True):
+                        os.makedirs(a.keep_traces, exist_ok=True)
+                        shutil.copy(f, os.path.join(a.keep_traces, f"{variant}_b{b}_first.json.gz"))
                 res[f"b{b}_{tag}"] = kernels
             # the decode part: the kernels of the N-token run beyond those of the 1-token run (same program start)
             first, every = res.pop(f"b{b}_first"), res.pop(f"b{b}_all")

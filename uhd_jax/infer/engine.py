@@ -214,7 +214,7 @@ def row_keys(key, b: int):
     if key is None:
         key = 0
     if isinstance(key, (int, np.integer)):
-        return jax.vmap(lambda r: jax.random.fold_in(jax.random.key(int(key)), r))(jnp.arange(b))
+        return _seed_rows(np.int64(key), b)
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != (b,):
             raise ValueError(f"expected {b} keys, got shape {key.shape}")
@@ -222,7 +222,13 @@ def row_keys(key, b: int):
     seeds = np.asarray(key)
     if seeds.shape != (b,):
         raise ValueError(f"expected an int seed or {b} seeds, got {key!r}")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    return _seed_keys(seeds)
+
+
+# one compiled call each (eagerly, the vmapped key ops were several launches before every generation)
+_seed_rows = jax.jit(lambda seed, b: jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(jnp.arange(b)),
+                     static_argnums=1)
+_seed_keys = jax.jit(jax.vmap(jax.random.key))
 
 
 # --------------------------------------------------------------------------- batch generation
@@ -242,15 +248,18 @@ class Generator:
         self.pick_fn = pick_fn
         self.cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
         self.stream = stream
-        self._generate = jax.jit(self._generate_impl, static_argnames=("max_new_tokens",))
+        self._generate = jax.jit(self._generate_impl, static_argnames=("max_new_tokens", "capacity"))
         self._prefill = jax.jit(lambda p, batch, cache: model.apply({"params": p}, batch, cache,
                                                                      method=MiniCPMV.prefill))
 
     def new_cache(self, batch_size: int, capacity: int) -> DecodeCache:
         return init_cache(self.model.config, batch_size, capacity, self.cache_dtype, cuts=self.model.cuts)
 
-    def _generate_impl(self, params, batch, cache, max_new, keys, sampling, stop_ids, *, max_new_tokens):
+    def _generate_impl(self, params, batch, cache, max_new, keys, sampling, stop_ids, *, max_new_tokens,
+                       capacity=None):
         variables = {"params": params}
+        if cache is None:  # a new cache: made inside the program (as dozens of eager zeros it cost launches)
+            cache = self.new_cache(np.shape(batch.input_ids)[0], capacity)
         logits, cache = self.model.apply(variables, batch, cache, method=MiniCPMV.prefill)
         b = cache.batch_size
         mask = jnp.asarray(batch.attention_mask, bool)
@@ -296,15 +305,18 @@ class Generator:
         n = int(max_new.max())
         if cache is None:
             capacity = np.asarray(batch.input_ids).shape[1] + n if capacity is None else capacity
-            cache = self.new_cache(b, capacity)
-        elif capacity is not None and capacity != cache.capacity:
-            raise ValueError(f"capacity={capacity} but the cache given has {cache.capacity}")
-        if cache.batch_size != b:
-            raise ValueError(f"the cache has {cache.batch_size} rows, the batch {b}")
-        self.check(batch, max_new, cache, cache.capacity)
-        stops = jnp.asarray(self.stop_ids if stop_ids is None else tuple(stop_ids), jnp.int32)
-        st = self._generate(params, batch, cache, jnp.asarray(max_new), row_keys(key, b), sampling_params, stops,
-                            max_new_tokens=n)
+            if capacity < 1:
+                raise ValueError(f"capacity must be >= 1, got {capacity}")
+        else:
+            if capacity is not None and capacity != cache.capacity:
+                raise ValueError(f"capacity={capacity} but the cache given has {cache.capacity}")
+            if cache.batch_size != b:
+                raise ValueError(f"the cache has {cache.batch_size} rows, the batch {b}")
+            capacity = None  # the program takes the cache's
+        self.check(batch, max_new, cache, cache.capacity if capacity is None else capacity)
+        stops = np.asarray(self.stop_ids if stop_ids is None else tuple(stop_ids), np.int32)
+        st = self._generate(params, batch, cache, max_new, row_keys(key, b), sampling_params, stops,
+                            max_new_tokens=n, capacity=capacity)
         tokens, num, reason = (np.asarray(x) for x in (st.tokens, st.num_tokens, st.reason))
         return Generation(tokens=[tokens[r, :num[r]] for r in range(b)],
                           finish_reasons=[FINISH_REASONS.get(int(x)) for x in reason], cache=st.cache)
